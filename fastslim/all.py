@@ -7,7 +7,9 @@ Docs: https://fastslim.github.io/fastslim/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #d6d49f9f
+# %% ../nbs/99_all.ipynb #6696a6d5
 from .core import *
 from .data import *
+from .plan import *
+from .distill import *
 __all__ = [o for o in dir() if not o.startswith('_')]

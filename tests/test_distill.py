@@ -1,0 +1,258 @@
+"DistillCallback: loss values on hand-made tensors, a frozen teacher, training-only loss, fastai integration on digits."
+import math, warnings
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from fastai.learner import Learner
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientAccumulation
+from fastai.callback.schedule import *  # fit_one_cycle
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed, params
+from fastslim.data import digits_dls
+from fastslim.distill import *
+
+# ---------------------------------------------------------------- losses on hand-made tensors
+
+def np_softmax(z):
+    e = np.exp(z - z.max()); return e / e.sum()
+
+def np_kl(p, q): return float(np.sum(p * np.log(p / q)))
+
+def test_kd_loss_value():
+    s, t, T = np.array([1., 2., 0.5]), np.array([2., 0.5, 1.]), 3.
+    want = T**2 * np_kl(np_softmax(t/T), np_softmax(s/T))
+    got = kd_loss(torch.tensor(s)[None], torch.tensor(t)[None], T=T)
+    assert abs(float(got) - want) < 1e-5
+    z = torch.randn(5, 7)
+    assert float(kd_loss(z, z.clone())) == pytest.approx(0, abs=1e-6)
+    assert float(kd_loss(z, torch.randn(5, 7))) > 0
+
+def test_kd_loss_spatial_logits():
+    "(N, C, H, W) logits are N*H*W samples of C classes"
+    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    flat = lambda x: x.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(kd_loss(s, t), kd_loss(flat(s), flat(t)))
+
+def dkd_by_hand(s, t, y, alpha, beta, T):
+    "Zhao et al.'s definition, written out with numpy for one sample"
+    ps, pt = np_softmax(s/T), np_softmax(t/T)
+    bs, bt = np.array([ps[y], 1-ps[y]]), np.array([pt[y], 1-pt[y]])
+    keep = [i for i in range(len(s)) if i != y]
+    hs, ht = ps[keep]/ps[keep].sum(), pt[keep]/pt[keep].sum()
+    return T**2 * (alpha*np_kl(bt, bs) + beta*np_kl(ht, hs))
+
+def test_dkd_three_classes():
+    s1, t1, s2, t2 = [np.array(o) for o in ([1., 2., .5], [2., .5, 1.], [-1., 0., 3.], [0.5, 0.2, 2.])]
+    y, a, b, T = [1, 2], 1.5, 0.7, 2.
+    want = (dkd_by_hand(s1, t1, y[0], a, b, T) + dkd_by_hand(s2, t2, y[1], a, b, T)) / 2
+    S, Tt = torch.tensor(np.stack([s1, s2])), torch.tensor(np.stack([t1, t2]))
+    got = dkd_loss(S, Tt, torch.tensor(y), alpha=a, beta=b, T=T)
+    assert abs(float(got) - want) < 1e-5
+    # soft targets use their argmax
+    soft = F.one_hot(torch.tensor(y), 3).float()*0.8 + 0.1
+    assert torch.allclose(got, dkd_loss(S, Tt, soft, a, b, T))
+    z = torch.randn(4, 3)
+    assert float(dkd_loss(z, z.clone(), torch.tensor([0, 1, 2, 0]))) == pytest.approx(0, abs=1e-6)
+
+def test_at_loss_by_hand():
+    "One channel, 2x2: two one-hot maps normalise to e1 and e2, so the squared difference is 2 over 4 positions"
+    a, b = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    a[0, 0, 0, 0], b[0, 0, 0, 1] = 3., -5.
+    assert float(at_loss(a, b)) == pytest.approx(2/4)
+    f = torch.randn(3, 4, 5, 5)
+    assert float(at_loss(f, f)) == pytest.approx(0, abs=1e-8)
+    assert torch.allclose(attention_map(f), F.normalize((f**2).sum(1).flatten(1), dim=1), atol=1e-6)
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.01, 100.), st.floats(0.01, 100.), st.integers(1, 6), st.integers(1, 6))
+def test_at_and_sp_are_scale_invariant(c1, c2, cs, ct):
+    g = torch.Generator().manual_seed(cs*7 + ct)
+    fs, ft = torch.randn(4, cs, 3, 3, generator=g), torch.randn(4, ct, 3, 3, generator=g)
+    assert torch.allclose(at_loss(c1*fs, c2*ft), at_loss(fs, ft), atol=1e-6)
+    assert torch.allclose(sp_loss(c1*fs, c2*ft), sp_loss(fs, ft), atol=1e-6)
+    assert float(at_loss(c1*fs, fs)) == pytest.approx(0, abs=1e-6)
+
+def test_sp_loss_by_hand():
+    fs, ft = np.random.default_rng(0).normal(size=(2, 3, 4, 4, 4))
+    def G(f):
+        f = f.reshape(len(f), -1); g = f @ f.T
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+    want = np.sum((G(fs) - G(ft))**2) / 3**2
+    assert float(sp_loss(torch.tensor(fs), torch.tensor(ft))) == pytest.approx(want, rel=1e-5)
+    assert float(sp_loss(torch.tensor(fs), torch.randn(3, 2))) > 0   # any shapes, same batch
+
+# ---------------------------------------------------------------- training on digits
+
+def cnn(w):
+    return nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(w, 2*w, 3, padding=1), nn.BatchNorm2d(2*w), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8*w, 10))
+
+def learner(model, cbs=None, **kw):
+    return Learner(digits_dls(bs=64), model, CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
+
+def quiet_fit(learn, epochs=1, lr=3e-2, one_cycle=True, **kw):
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        (learn.fit_one_cycle if one_cycle else learn.fit)(epochs, lr, **kw)
+    return learn
+
+@pytest.fixture(scope='module')
+def teacher():
+    set_seed(0)
+    return quiet_fit(learner(cnn(16)), 3).model.eval()
+
+def state(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
+def same(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+@pytest.mark.parametrize('loss', ['kd', 'dkd'])
+def test_student_learns(teacher, loss):
+    set_seed(1)
+    t0 = state(teacher)
+    learn = quiet_fit(learner(cnn(8), DistillCallback(teacher, loss=loss, T=2., alpha=0.5)), 3)
+    assert learn.validate()[1] > 0.8           # chance is 0.1
+    assert same(state(teacher), t0)
+
+class Capture(Callback):
+    "Record what the learner holds after the loss, at a chosen order"
+    def __init__(self, order): self.order, self.rows = order, []
+    def after_loss(self):
+        if self.training:
+            self.rows.append(dict(loss=self.learn.loss.detach().clone(), loss_grad=self.learn.loss_grad.detach().clone(),
+                                  pred=self.learn.pred.detach().clone(), xb=self.learn.xb[0].clone(), yb=self.learn.yb[0].clone()))
+
+def test_training_loss_only(teacher):
+    "Same weights, lr=0: validation loss and metrics are identical with and without the callback, train loss is not"
+    set_seed(3)
+    init = cnn(4).state_dict()
+    runs = {}
+    for name, cbs in [('plain', None), ('kd', [DistillCallback(teacher, T=3., alpha=0.3, features=['6'],
+                                                               feature_loss={'sp': 100.}), Capture(20)])]:
+        m = cnn(4); m.load_state_dict(init)
+        set_seed(8)                              # fastai seeds each DataLoader's shuffling from `random`
+        learn = learner(m, cbs)
+        before = learn.validate()
+        quiet_fit(learn, 1, lr=0., one_cycle=False)
+        runs[name] = (learn, before, learn.recorder.values[-1], learn.validate())
+    (lp, bp, rp, vp), (lk, bk, rk, vk) = runs['plain'], runs['kd']
+    assert bp == bk and vp == vk                 # learn.validate() outside and after the fit
+    assert rp[1:] == rk[1:]                      # valid_loss and accuracy recorded during the fit
+    assert rp[0] != pytest.approx(rk[0], rel=1e-3)  # train loss includes the distillation terms
+    # the recorded loss of a batch is (1-alpha)*CE + alpha*T²KL + w*sp, computed here independently
+    row = lk.capture.rows[-1]
+    with torch.no_grad(): t = teacher(row['xb'])
+    ps, pt = F.log_softmax(row['pred']/3., 1), F.log_softmax(t/3., 1)
+    kd = 9. * (pt.exp()*(pt - ps)).sum(1).mean()
+    cb = lk.distill
+    want = 0.7*F.cross_entropy(row['pred'], row['yb']) + 0.3*kd + 100.*cb.last['sp:6']
+    assert float(row['loss']) == pytest.approx(float(want), rel=1e-4)
+    assert float(cb.last['logits']) == pytest.approx(float(kd), rel=1e-4)
+
+def test_teacher_frozen_and_fitnet_adapter(teacher):
+    "A fresh teacher module: never gets grads or changes; the FitNet adapter (8 -> 32 channels) is trained"
+    set_seed(4)
+    tm = cnn(16); tm.load_state_dict(teacher.state_dict())
+    t0, student = state(tm), cnn(4)
+    s0 = state(student)
+    cb = DistillCallback(tm, alpha=0.5, features={'6': '6', '2': '2'}, feature_loss={'fitnet': 1., 'at': None})
+    learn = learner(student, cb, splitter=lambda m: [params(m[:4]), params(m[4:])])
+    n_opt = lambda: sum(len(g) for g in learn.opt.param_lists)
+    quiet_fit(learn, 1, lr=slice(1e-3, 3e-2))    # two parameter groups, discriminative learning rates
+    assert isinstance(cb.adapters[0], nn.Conv2d) and cb.adapters[0].weight.shape == (32, 8, 1, 1)
+    assert isinstance(cb.adapters[1], nn.Conv2d) and cb.adapters[1].weight.shape == (16, 4, 1, 1)
+    a0 = [p.detach().clone() for p in cb.adapters.parameters()]
+    assert same(state(tm), t0)
+    assert all(p.grad is None and not p.requires_grad for p in tm.parameters()) and not tm.training
+    assert state(student).keys() == s0.keys() and not same(state(student), s0)   # student trained, nothing added
+    assert n_opt() == len(list(student.parameters()))                            # adapters left the optimizer
+    assert all(not m._forward_hooks for m in list(student.modules()) + list(tm.modules()))
+    assert {'fitnet:6', 'fitnet:2', 'at:6', 'at:2', 'logits', 'task'} == set(cb.last)
+    quiet_fit(learn, 1)                                                          # a second fit reuses them
+    assert all(not torch.equal(p, q) for p, q in zip(cb.adapters.parameters(), a0))
+    assert n_opt() == len(list(student.parameters()))
+    assert same(state(tm), t0)
+
+def test_teacher_none_is_frozen_copy():
+    set_seed(5)
+    learn = learner(cnn(4), DistillCallback(alpha=0.5, features=['2'], feature_loss='at'))
+    s0 = state(learn.model)
+    quiet_fit(learn, 1)
+    cb = learn.distill
+    assert cb.teacher is not learn.model and same(state(cb.teacher), s0) and not same(state(learn.model), s0)
+    assert all(not p.requires_grad and p.grad is None for p in cb.teacher.parameters())
+    first = cb.teacher
+    quiet_fit(learn, 1)
+    assert cb.teacher is first and same(state(first), s0)
+
+def test_gradient_accumulation_and_mixed_precision(teacher):
+    "The distillation terms are added before GradientAccumulation scales loss_grad; training works with both"
+    set_seed(6)
+    student = cnn(4)
+    s0 = state(student)
+    cap = Capture(MixedPrecision.order + 10)     # after every callback's after_loss
+    learn = learner(student, [DistillCallback(teacher, loss='dkd', features=['6'], feature_loss='sp'),
+                              GradientAccumulation(n_acc=128), cap]).to_fp16()
+    quiet_fit(learn, 1)
+    assert not same(state(student), s0)
+    assert all(math.isfinite(v) for v in learn.recorder.values[-1])
+    for r in cap.rows:                           # loss_grad is the whole distillation loss, scaled by bs/n_acc
+        bs = len(r['yb'])
+        assert float(r['loss_grad']) == pytest.approx(float(r['loss'])*bs/128, rel=1e-5)
+        assert float(r['loss']) > 1.5*float(F.cross_entropy(r['pred'], r['yb']))
+    assert float(learn.distill.last['logits']) > 0
+    assert any(isinstance(c, MixedPrecision) for c in learn.cbs)
+
+class CPUAutocast(Callback):
+    "MixedPrecision's autocast window (before_batch .. after_loss), on the CPU in bfloat16"
+    order = MixedPrecision.order
+    def before_batch(self): self.ac = torch.autocast('cpu', dtype=torch.bfloat16); self.ac.__enter__()
+    def after_loss(self): self.ac.__exit__(None, None, None)
+
+def test_teacher_runs_in_students_autocast(teacher):
+    set_seed(7)
+    tm = cnn(16); tm.load_state_dict(teacher.state_dict())
+    dtypes = []
+    tm[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    learn = learner(cnn(4), [DistillCallback(tm, features=['6'], feature_loss='at'), CPUAutocast()])
+    quiet_fit(learn, 1)
+    assert dtypes and set(dtypes[1:]) == {torch.bfloat16}    # dtypes[0] is the float32 probe at before_fit
+    assert math.isfinite(learn.recorder.values[-1][0]) and learn.distill.last['at:6'].dtype == torch.float32
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize('kw, name', [(dict(T=0), '`T`'), (dict(T=-1), '`T`'), (dict(T=float('nan')), '`T`'),
+    (dict(T='x'), '`T`'), (dict(alpha=-0.1), '`alpha`'), (dict(alpha=1.01), '`alpha`'), (dict(loss='mse'), '`loss`'),
+    (dict(features=['0'], feature_loss='l1'), '`feature_loss`'), (dict(features=['0'], feature_loss={'at': -1}), 'feature_loss'),
+    (dict(dkd_beta=-1), '`dkd_beta`')])
+def test_bad_values(kw, name):
+    with pytest.raises(ValueError, match=name): DistillCallback(**kw)
+
+def test_bad_types():
+    with pytest.raises(TypeError, match='`teacher`'): DistillCallback(teacher='resnet18')
+    with pytest.raises(TypeError, match='`features`'): DistillCallback(features=3)
+    with pytest.warns(UserWarning, match='Learner'):
+        cb = DistillCallback(teacher=learner(cnn(2)))
+    assert isinstance(cb.teacher, nn.Sequential)
+
+@pytest.mark.parametrize('make, match', [
+    (lambda s: DistillCallback(cnn(8), features={'6': 'nope'}), 'nope'),
+    (lambda s: DistillCallback(cnn(8), features=['4.weight']), '4.weight'),
+    (lambda s: DistillCallback(s), 'shares parameters'),
+    (lambda s: DistillCallback(nn.Sequential(nn.Flatten(), nn.Linear(64, 5))), 'does not match'),
+    (lambda s: DistillCallback(cnn(8), features={'6': '2'}, feature_loss='at'), 'spatial'),
+    (lambda s: DistillCallback(cnn(8), features=['9'], feature_loss='at'), 'spatial'),
+])
+def test_bad_setup_fails_before_training(make, match):
+    student = cnn(4)
+    s0 = state(student)
+    learn = learner(student)
+    cb = make(student)
+    with pytest.raises(ValueError, match=match): quiet_fit(learn, 1, cbs=cb)
+    assert same(state(student), s0)
+    assert all(not m._forward_hooks for m in student.modules())

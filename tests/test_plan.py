@@ -1,0 +1,262 @@
+"The plan: coupled groups, masks that stay masked, the floor, compaction equivalence, learner integration, persistence."
+import copy
+import pytest, torch, torchvision
+from torch import nn
+from fastai.learner import Learner
+from fastai.optimizer import SGD as fSGD, Adam as fAdam, RAdam as fRAdam, Lamb as fLamb
+from fastai.callback.training import GradientAccumulation
+from fastslim.core import count_macs, count_params, eval_mode
+from fastslim.data import digits_dls
+from fastslim.plan import SlimPlan, MaskCallback, save_slim, load_slim, plan_of
+
+def small_cnn(c=16):
+    return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                         nn.Conv2d(c, 2*c, 3, padding=1), nn.BatchNorm2d(2*c), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2*c, 10))
+
+def randomize_bn(model):
+    "Non-trivial BN statistics and affine params, so equivalence checks are not vacuous"
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-.5, .5); m.running_var.uniform_(.5, 2)
+                m.weight.uniform_(.2, 1.2); m.bias.uniform_(-.3, .3)
+    return model
+
+def outputs_close(a, b, x, rtol=1e-5):
+    with torch.no_grad(), eval_mode(a), eval_mode(b):
+        ya, yb = a(x), b(x)
+    return ((ya - yb).abs().max() / ya.abs().max()).item() <= rtol
+
+# ---------------------------------------------------------------- equivalence on the reference architectures
+ARCHS = {'vgg': lambda: torchvision.models.vgg11_bn(num_classes=10).features,  # VGG-style conv stack
+         'resnet_basic': lambda: torchvision.models.resnet18(num_classes=10),
+         'resnet_bottleneck': lambda: torchvision.models.resnet50(num_classes=10),
+         'densenet': lambda: torchvision.models.DenseNet(growth_rate=12, block_config=(3, 3, 3), num_init_features=16, num_classes=10),
+         'mobilenet': lambda: torchvision.models.mobilenet_v2(num_classes=10),
+         'resnext': lambda: torchvision.models.resnext50_32x4d(num_classes=10)}
+
+@pytest.mark.parametrize('arch', list(ARCHS))
+@pytest.mark.parametrize('ratio', [0.3, 0.6])
+def test_compact_equals_masked(arch, ratio):
+    model = randomize_bn(ARCHS[arch]()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    plan.select(plan.l2_scores(), ratio=ratio).apply()
+    small = plan.compact()
+    assert count_params(small) < count_params(model)
+    assert outputs_close(model, small, x)
+    assert outputs_close(model, small, torch.randn(3, 3, 32, 32))
+
+def test_grouped_conv_prunes_whole_positions():
+    "ResNeXt's grouped convolutions force the same position in every conv group to go together"
+    model = torchvision.models.resnext50_32x4d(num_classes=10)
+    plan = SlimPlan(model, torch.randn(1, 3, 32, 32))
+    tied = [g for g in plan.groups if g.period < g.size]
+    assert tied
+    plan.select(plan.l1_scores(), ratio=0.5)
+    for g in tied:
+        k = g.keep.view(-1, g.period)
+        assert (k == k[0]).all()
+
+def test_layernorm_model_compacts_and_runs():
+    "LayerNorm/GroupNorm models compact and run (not equivalent: see the docs)"
+    model = torchvision.models.convnext_tiny(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    plan.select(plan.l2_scores(), ratio=0.5).apply()
+    small = plan.compact()
+    assert small(x).shape == (1, 10)
+    assert count_macs(small, x) < count_macs(model, x)
+
+# ---------------------------------------------------------------- the floor
+def test_global_threshold_never_empties_a_layer():
+    "The Network Slimming crash (a global threshold removing all of a layer) cannot happen: the floor holds"
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    victim = plan['layer1.0.conv1']
+    bn = model.layer1[0].bn1
+    with torch.no_grad(): bn.weight.fill_(1e-6)          # every scale of one layer below any global threshold
+    scores = plan.bn_scores()
+    thr = torch.cat(list(scores.values())).kthvalue(round(0.6 * sum(len(s) for s in scores.values()))).values
+    assert (scores[victim.name] <= thr).all()             # the reference code would empty this layer
+    plan.select(scores, ratio=0.6)
+    assert victim.n_keep == 1
+    plan.apply()
+    small = plan.compact()
+    assert small.layer1[0].conv1.out_channels == 1
+    assert outputs_close(model, small, x)
+
+@pytest.mark.parametrize('min_keep,expect', [(4, 4), (0.25, 4)])
+def test_min_keep_count_and_fraction(min_keep, expect):
+    model = small_cnn()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8), min_keep=min_keep)
+    with torch.no_grad(): model[1].weight.fill_(1e-6)
+    plan.select(plan.bn_scores(), ratio=0.7)
+    assert plan['0'].n_keep == expect
+    plan.select(plan.bn_scores(), ratio=0.7, scope='local')
+    assert all(g.n_keep >= expect for g in plan.groups)
+
+def test_local_removes_same_share_everywhere():
+    model = small_cnn()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=0.5, scope='local')
+    assert [g.n_keep for g in plan.groups] == [g.size // 2 for g in plan.groups]
+
+def test_global_removes_exact_share():
+    model = torchvision.models.resnet18(num_classes=10)
+    plan = SlimPlan(model, torch.randn(1, 3, 32, 32))
+    plan.select(plan.l1_scores(), ratio=0.4)
+    total = sum(g.size for g in plan.groups)
+    assert sum(g.size - g.n_keep for g in plan.groups) == round(0.4 * total)
+
+# ---------------------------------------------------------------- bad input, before any weight changes
+def test_bad_input_changes_nothing():
+    model = small_cnn()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    before = copy.deepcopy(model.state_dict())
+    s = plan.l1_scores()
+    for kw, word in [(dict(ratio=1.0), '`ratio`'), (dict(ratio=-0.1), '`ratio`'), (dict(ratio=0.5, target_macs=0.5), 'exactly one'),
+                     (dict(), 'exactly one'), (dict(ratio=0.5, scope='nope'), '`scope`'),
+                     (dict(ratio=0.5, min_keep=100), '`min_keep`'), (dict(target_macs=1.5), '`target_macs`')]:
+        with pytest.raises(ValueError, match=word): plan.select(s, **kw)
+    with pytest.raises(ValueError, match='`scores`'): plan.select({'nope': torch.ones(3)}, ratio=0.5)
+    with pytest.raises(ValueError, match='shape'): plan.select({'0': torch.ones(3)}, ratio=0.5)
+    with pytest.raises(ValueError, match='`ratio`'): plan.prune_weights(1.2)
+    with pytest.raises(ValueError, match='`layers`'): plan.prune_weights(0.5, layers=['nope'])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match='`example`'): SlimPlan(small_cnn(), torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match='`ignored`'): SlimPlan(small_cnn(), torch.randn(2, 1, 8, 8), ignored=['nope'])
+    with pytest.raises(ValueError, match='BatchNorm'):
+        SlimPlan(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
+                 torch.randn(1, 1, 8, 8)).bn_scores()
+
+# ---------------------------------------------------------------- hard and soft masks through optimizers
+def _train_steps(model, opt, x, y, n=5):
+    for _ in range(n):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward(); opt.step(); opt.zero_grad()
+
+TORCH_OPTS = {'sgd_momentum_wd': lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2),
+              'adam': lambda ps: torch.optim.Adam(ps, lr=1e-2), 'adamw': lambda ps: torch.optim.AdamW(ps, lr=1e-2)}
+
+@pytest.mark.parametrize('opt', list(TORCH_OPTS))
+def test_hard_masks_stay_zero_torch_optimizers(opt):
+    "Momentum built before masking, weight decay and Adam's moments cannot revive a masked weight"
+    model = small_cnn(); x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    o = TORCH_OPTS[opt](model.parameters())
+    _train_steps(model, o, x, y)                      # optimizer state exists before masking
+    plan = SlimPlan(model, x)
+    plan.select(plan.l1_scores(), ratio=0.5).prune_weights(0.3)
+    hook = plan.attach(o)
+    plan.apply(o)
+    _train_steps(model, o, x, y)
+    masks = plan.param_masks()
+    assert all((p[r] == 0).all() for p, r in masks.items())
+    for p, r in masks.items():
+        for v in o.state[p].values():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape: assert (v[r] == 0).all()
+    hook.remove()
+
+@pytest.mark.parametrize('opt_func', [fSGD, fAdam, fRAdam, fLamb], ids=['SGD', 'Adam', 'RAdam', 'Lamb'])
+def test_hard_masks_stay_zero_fastai(opt_func):
+    dls = digits_dls(bs=64)
+    model = small_cnn()
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, wd=1e-2)
+    learn.fit(1, 1e-2)
+    plan = SlimPlan(model, dls.one_batch()[0][:2])
+    plan.select(plan.bn_scores(), ratio=0.5).prune_weights(0.3)
+    learn.fit(1, 1e-2, cbs=[MaskCallback(plan), GradientAccumulation(128)])
+    assert all((p[r] == 0).all() for p, r in plan.param_masks().items())
+    assert all(p[~r].abs().sum() > 0 for p, r in plan.param_masks().items())
+
+def test_soft_masks_regrow_until_reapplied():
+    "Soft mode (Soft Filter Pruning): masked filters take updates between applications"
+    dls = digits_dls(bs=64)
+    model = small_cnn()
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss())
+    learn.fit(1, 1e-2)                              # trained BN shifts let gradients reach zeroed filters
+    plan = SlimPlan(model, dls.one_batch()[0][:2], hard=False)
+    plan.select(plan.l2_scores(), ratio=0.5)
+    learn.fit(1, 1e-2, cbs=MaskCallback(plan))      # zeroes the filters once, then lets them regrow
+    masks = plan.param_masks(filters_only=True)
+    assert all((p[r] != 0).any() for p, r in masks.items() if p.ndim > 1)   # BN makes a conv bias gradient-free
+    masks = plan.param_masks()
+    plan.apply()
+    assert all((p[r] == 0).all() for p, r in masks.items())
+
+def test_masks_are_buffers_in_checkpoints():
+    model = small_cnn()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=0.5).prune_weights(0.2)
+    sd = copy.deepcopy(model.state_dict())
+    fresh = small_cnn()
+    plan2 = SlimPlan(fresh, torch.randn(2, 1, 8, 8))
+    fresh.load_state_dict(sd)                          # weight masks created by the load hook, channel masks by the plan
+    assert [g.n_keep for g in plan2.groups] == [g.n_keep for g in plan.groups]
+    assert sum(int(r.sum()) for r in plan2.param_masks().values()) == sum(int(r.sum()) for r in plan.param_masks().values())
+
+# ---------------------------------------------------------------- learner integration
+def test_learner_compact_rebuilds_optimizer_and_trains():
+    dls = digits_dls(bs=64)
+    model = small_cnn()
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss())
+    plan = SlimPlan(model, dls.one_batch()[0][:2])
+    plan.select(plan.l1_scores(), ratio=0.5)
+    learn.fit(1, 1e-2, cbs=MaskCallback(plan))
+    small = learn.compact(plan)
+    assert learn.model is small and count_params(small) < count_params(model)
+    model_params = {id(p) for p in small.parameters()}
+    opt_params = [p for pg in learn.opt.param_lists for p in pg]
+    assert {id(p) for p in opt_params} == model_params
+    before = {n: p.detach().clone() for n, p in small.named_parameters()}
+    learn.fit(1, 1e-2)
+    assert all(not torch.equal(before[n], p) for n, p in small.named_parameters())
+
+# ---------------------------------------------------------------- persistence
+def test_save_load_compact_bit_identical(tmp_path):
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    plan.select(plan.l1_scores(), ratio=0.5).apply()
+    small = plan.compact()
+    save_slim(small, tmp_path/'s.pt')
+    d = torch.load(tmp_path/'s.pt', weights_only=True)        # no pickled classes
+    assert d['kind'] == 'compact'
+    back = load_slim(tmp_path/'s.pt', lambda: torchvision.models.resnet18(num_classes=10)).eval()
+    with torch.no_grad(): assert torch.equal(small(x), back(x))
+
+def test_save_load_masked_restores_masks(tmp_path):
+    model = small_cnn()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=0.5).prune_weights(0.25).apply()
+    save_slim(model, tmp_path/'m.pt')
+    back = load_slim(tmp_path/'m.pt', small_cnn)
+    p2 = plan_of(back)
+    assert [g.keep.tolist() for g in p2.groups] == [g.keep.tolist() for g in plan.groups]
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+# ---------------------------------------------------------------- MACs budget and summary
+@pytest.mark.parametrize('arch', ['resnet', 'vgg'])
+@pytest.mark.parametrize('target', [0.5, 0.25])
+def test_target_macs_within_2_percent(arch, target):
+    model = (torchvision.models.resnet18(num_classes=10) if arch == 'resnet'
+             else nn.Sequential(torchvision.models.vgg11_bn().features, nn.Flatten(), nn.Linear(512, 10)))
+    x = torch.randn(1, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    plan.select(plan.l1_scores(), target_macs=target)
+    s = plan.summary()
+    assert abs(s.totals['macs_after'] / s.totals['macs_before'] - target) <= 0.02
+
+def test_summary_counts():
+    model = small_cnn()
+    x = torch.randn(2, 1, 8, 8)
+    plan = SlimPlan(model, x)
+    plan.select(plan.l1_scores(), ratio=0.5, scope='local').prune_weights(0.5, layers=['3'])
+    s = plan.summary()
+    assert s.totals['params_before'] == count_params(model)
+    assert s.totals['macs_after'] == count_macs(plan.compact(), x[:1]) < s.totals['macs_before']
+    assert abs(s.sparsity['3'] - 0.5) < 0.01
+    assert '0' in repr(s) and 'MACs' in repr(s)
