@@ -7,9 +7,12 @@ Docs: https://fastslim.github.io/fastslim/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #6696a6d5
+# %% ../nbs/99_all.ipynb #8d04f977
 from .core import *
 from .data import *
 from .plan import *
 from .distill import *
+from .models import *
+from .prune import *
+from .export import *
 __all__ = [o for o in dir() if not o.startswith('_')]

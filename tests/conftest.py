@@ -5,7 +5,7 @@ import pytest
 
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import torch
-if os.environ.get('PYTEST_XDIST_WORKER'): torch.set_num_threads(1)
+torch.set_num_threads(1)   # two xdist workers on two cores; one thread each avoids oversubscription
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent/'shared'/'data'/'mnist10k.npz'
