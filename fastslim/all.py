@@ -7,12 +7,17 @@ Docs: https://fastslim.github.io/fastslim/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #8d04f977
+# %% ../nbs/99_all.ipynb #618eb9e9
 from .core import *
 from .data import *
 from .plan import *
 from .distill import *
 from .models import *
+from .schedule import *
+from .sparsity import *
+from .criteria import *
 from .prune import *
+from .report import *
+from .slim import *
 from .export import *
 __all__ = [o for o in dir() if not o.startswith('_')]
