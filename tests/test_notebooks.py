@@ -6,14 +6,14 @@ from nbdev.config import get_config
 from nbdev.test import test_nb as run_nb
 
 ROOT = Path(__file__).resolve().parents[1]
-NBS = sorted((ROOT/'nbs').glob('*.ipynb'))
+NBS = sorted(p for p in (ROOT/'nbs').glob('**/*.ipynb') if '.ipynb_checkpoints' not in p.parts)
 
 def skip_flags():
     "Flags in `tst_flags` skip their cells unless named in FASTSLIM_TEST_FLAGS"
     forced = set(os.environ.get('FASTSLIM_TEST_FLAGS', '').split())
     return [f for f in str(get_config(ROOT).tst_flags).split() if f not in forced]
 
-@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+@pytest.mark.parametrize('nb', NBS, ids=[str(p.relative_to(ROOT/'nbs').with_suffix('')) for p in NBS])
 def test_notebook(nb):
     ok, _ = run_nb(nb, skip_flags=skip_flags())
     assert ok, f'{nb.name} failed (its traceback is above)'
