@@ -17,3 +17,10 @@ def root(): return ROOT
 def _seed():
     torch.manual_seed(0)
     yield
+
+def pytest_collection_modifyitems(config, items):
+    "Tests marked `slow` run only when FASTSLIM_TEST_FLAGS names `slow` (as notebook cells flagged `#| slow` do)"
+    if 'slow' in os.environ.get('FASTSLIM_TEST_FLAGS', '').split(): return
+    skip = pytest.mark.skip(reason='slow: run with FASTSLIM_TEST_FLAGS=slow')
+    for item in items:
+        if 'slow' in item.keywords: item.add_marker(skip)

@@ -1,0 +1,99 @@
+"The `fastslim` command line, run in-process on digits with tiny epochs; one real subprocess for the entry point."
+import json, shutil, subprocess, sys
+import pytest, torch
+from fastslim.cli import main, slim as slim_cmd
+from fastslim.export import load_model_dir, export as export_cmd
+from fastslim.plan import load_slim
+
+TINY = ['--dense-epochs', '1', '--sparse-epochs', '1', '--prune-epochs', '0', '--finetune-epochs', '1']
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    "One tiny `fastslim slim` run shared by the tests that read its output"
+    out = tmp_path_factory.mktemp('run')/'out'
+    rc = main(['slim', *TINY, '--out', str(out)])
+    return rc, out
+
+def test_slim_writes_everything(run_dir):
+    rc, out = run_dir
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {'slim.pt', 'meta.json', 'report.json', 'run.json'} <= names
+    assert any(n.endswith('.png') for n in names)
+    run = json.loads((out/'run.json').read_text())
+    assert run['method'] == 'slimming' and run['target_macs'] == 0.25 and run['dense_epochs'] == 1
+    rep = json.loads((out/'report.json').read_text())
+    assert json.dumps(rep)  # valid JSON with content
+    meta = json.loads((out/'meta.json').read_text())
+    assert meta['arch'] == 'fastslim_vgg_tiny' and meta['kwargs']['num_classes'] == 10
+
+def test_load_model_dir_rebuilds(run_dir):
+    _, out = run_dir
+    net = load_model_dir(out).eval()
+    d = torch.load(out/'slim.pt', map_location='cpu', weights_only=True)
+    sd = net.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in d['state_dict'].items() if k in sd)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad(): y = net(x)
+    assert y.shape == (4, 10)
+    import timm, fastslim.models
+    again = load_slim(out/'slim.pt', lambda: timm.create_model('fastslim_vgg_tiny', num_classes=10, in_chans=1)).eval()
+    with torch.no_grad(): torch.testing.assert_close(again(x), y)
+    dense = timm.create_model('fastslim_vgg_tiny', num_classes=10, in_chans=1)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in dense.parameters())  # it is the slim one
+
+def test_same_run_again_allowed_other_run_refused(run_dir, capsys):
+    _, out = run_dir
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(['slim', *TINY, '--seed', '1', '--out', str(out)]) == 2    # a different run
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'out' in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(['slim', *TINY, '--out', str(out)]) == 0                    # the same run again
+
+def test_export_onnx_int8(run_dir, tmp_path):
+    _, src = run_dir
+    out = tmp_path/'m'; shutil.copytree(src, out)
+    assert main(['export', str(out), '--format', 'onnx-int8']) == 0   # `model` is positional
+    assert (out/'model.onnx').stat().st_size > 0 and (out/'model_int8.onnx').stat().st_size > 0
+    import onnxruntime as ort, numpy as np
+    net = load_model_dir(out).eval()
+    x = torch.randn(3, 1, 8, 8)
+    got = ort.InferenceSession(str(out/'model.onnx')).run(None, {ort.InferenceSession(str(out/'model.onnx')).get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad(): np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-3, atol=1e-4)
+
+@pytest.mark.parametrize('cmd, func', [('slim', slim_cmd), ('export', export_cmd)])
+def test_help_lists_every_parameter(cmd, func, capsys):
+    import inspect
+    assert main([cmd, '--help']) == 0
+    text = capsys.readouterr().out
+    for p in inspect.signature(func).parameters:
+        assert f"--{p.replace('_', '-')}" in text or p in text, p
+
+def test_top_level_help(capsys):
+    assert main(['--help']) == 0
+    text = capsys.readouterr().out
+    assert 'slim' in text and 'export' in text
+
+@pytest.mark.parametrize('args', [
+    ['--data', 'nope'], ['--data', 'nope.npz'], ['--arch', 'nope_net'], ['--method', 'nope'],
+    ['--target-macs', '0'], ['--target-macs', '1'], ['--target-macs', '1.5'], ['--target-macs', '-0.1'],
+    ['--ratio', '0.5', '--target-macs', '0.5'], ['--ratio', '1.0'],
+])
+def test_bad_input(args, tmp_path, capsys):
+    out = tmp_path/'out'
+    assert main(['slim', '--dense-epochs', '0', *args, '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'error' in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+def test_unknown_command(capsys):
+    assert main(['nope']) == 2
+    assert 'nope' in capsys.readouterr().err
+
+def test_console_script_installed():
+    exe = shutil.which('fastslim')
+    assert exe is not None
+    res = subprocess.run([exe, '--help'], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and 'slim' in res.stdout and 'export' in res.stdout
