@@ -1,5 +1,5 @@
 "Every notebook in nbs/ runs through nbdev's own runner, so `pytest` alone tests the docs' examples too."
-import os
+import os, subprocess, sys
 from pathlib import Path
 import pytest
 from nbdev.config import get_config
@@ -13,10 +13,18 @@ def skip_flags():
     forced = set(os.environ.get('FASTSLIM_TEST_FLAGS', '').split())
     return [f for f in str(get_config(ROOT).tst_flags).split() if f not in forced]
 
+RUN = """import sys, torch
+torch.set_num_threads(1)
+from nbdev.test import test_nb
+ok, _ = test_nb(sys.argv[1], skip_flags=sys.argv[2].split())
+sys.exit(0 if ok else 1)
+"""
+
 @pytest.mark.parametrize('nb', NBS, ids=[str(p.relative_to(ROOT/'nbs').with_suffix('')) for p in NBS])
 def test_notebook(nb):
-    ok, _ = run_nb(nb, skip_flags=skip_flags())
-    assert ok, f'{nb.name} failed (its traceback is above)'
+    "Each notebook runs in a fresh process: notebooks patch `Learner` and register timm models, which must not leak"
+    r = subprocess.run([sys.executable, '-c', RUN, str(nb), ' '.join(skip_flags())], capture_output=True, text=True)
+    assert r.returncode == 0, f'{nb.name} failed:\n{r.stderr[-6000:]}'
 
 def test_failing_notebook_is_reported(tmp_path):
     "The runner really fails on a broken cell, so a green notebook test means something"
