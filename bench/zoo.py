@@ -3,8 +3,8 @@
 Every torchvision classification model, and the smallest model (by parameter count, measured on the meta device)
 of every timm family (family: timm module plus name prefix, e.g. `resnet:seresnext`), is built with random
 weights, planned with 50% of its channels removed by L2 filter magnitude, compacted, and compared with the masked
-model (see tests/zoo/sweep.py for the statuses). Each model runs in its own subprocess with a timeout and a
-memory cap. Results are appended to a CSV as they come, so the sweep can run in chunks and resume; the markdown
+model (see tests/zoo/sweep.py for the statuses). Models run in worker subprocesses with a timeout and a memory
+cap per model (a hang or out-of-memory kills the worker, is recorded, and a fresh worker takes the next model). Results are appended to a CSV as they come, so the sweep can run in chunks and resume; the markdown
 table and the summary by category are written from the CSV.
 
     python bench/zoo.py --only tv                  # torchvision (about 80 models)
@@ -18,7 +18,7 @@ from fastcore.script import call_parse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/'tests'/'zoo'))
-from sweep import run_isolated, parse, SUCCESS, FAILURE
+from sweep import sweep, parse, SUCCESS, FAILURE
 
 CATEGORIES = ['torchvision CNNs', 'torchvision transformers', 'timm CNNs', 'timm hybrids', 'timm transformers/MLP']
 FIELDS = ['model', 'source', 'category', 'status', 'size', 'groups', 'macs_before', 'macs_after', 'params_before',
@@ -132,12 +132,7 @@ def main(only:str='', # 'tv' or 'timm' (default both)
             done = {(r['source'], r['model']) for r in keep}
         specs = [s for s in specs if parse(s)[::-1] not in done]
         print(f"{len(specs)} models to run", flush=True)
-        from concurrent.futures import ThreadPoolExecutor
-        def one(spec):
-            name, source = parse(spec)
-            r = run_isolated(name, source, timeout=timeout, memory_cap=memory_cap, time_limit=time_limit)
-            _append(csv_path, r)
-            print(f"{spec:45} {r['status']:14} {r.get('seconds', 0):7.1f}s {str(r.get('reason', ''))[:120]}", flush=True)
-        with ThreadPoolExecutor(workers) as ex: list(ex.map(one, specs))
+        sweep(specs, timeout=timeout, memory_cap=memory_cap, time_limit=time_limit, workers=workers,
+              done=lambda r: _append(csv_path, r), log=sys.stdout)
     Path(out).write_text(report(_read(csv_path)))
     print(Path(out).read_text().split('\n\n| model')[0])

@@ -260,3 +260,162 @@ def test_summary_counts():
     assert s.totals['macs_after'] == count_macs(plan.compact(), x[:1]) < s.totals['macs_before']
     assert abs(s.sparsity['3'] - 0.5) < 0.01
     assert '0' in repr(s) and 'MACs' in repr(s)
+
+# ---------------------------------------------------------------- robustness: never crash, never hang
+import itertools, time, timm
+import torch_pruning as tp
+import fastslim.plan as plan_mod
+from fastslim.plan import PlanError, PlanTimeout, PlanMemoryError
+
+def test_shufflenet_barrier_keeps_the_rest_equivalent():
+    "torch-pruning can't map ShuffleNet's channel shuffle: groups crossing it are skipped, the branches still slim"
+    model = randomize_bn(torchvision.models.shufflenet_v2_x0_5(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    assert any('cannot map channels through the reshape' in r for r in plan.skipped.values())
+    plan.select(plan.l2_scores(), ratio=0.5).apply()
+    small = plan.compact()
+    assert count_macs(small, x[:1]) < 0.8 * count_macs(model, x[:1])
+    assert outputs_close(model, small, x) and outputs_close(model, small, torch.randn(2, 3, 32, 32))
+
+def test_torch_pruning_itself_is_unchanged():
+    "The index-mapping shim only acts inside fastslim's calls: torch-pruning used directly behaves as before"
+    with pytest.raises(ZeroDivisionError):
+        tp.DependencyGraph().build_dependency(torchvision.models.shufflenet_v2_x0_5(), torch.randn(1, 3, 32, 32), verbose=False)
+
+def test_time_limit_interrupts_cleanly():
+    model = torchvision.models.resnet18(num_classes=10)
+    hooks = [len(m._forward_hooks) for m in model.modules()]
+    with pytest.raises(PlanTimeout, match='`time_limit`') as e: SlimPlan(model, torch.randn(1, 3, 32, 32), time_limit=0.01)
+    assert isinstance(e.value, TimeoutError)
+    assert [len(m._forward_hooks) for m in model.modules()] == hooks    # no tracing hook left behind
+    assert model.training                                                # nor eval mode
+
+def test_memory_limit_interrupts_cleanly(monkeypatch):
+    gib = itertools.count(0., 0.5)                                       # resident memory that keeps growing
+    monkeypatch.setattr(plan_mod, '_rss_gib', lambda: next(gib))
+    with pytest.raises(PlanMemoryError, match='`memory_limit`'):
+        SlimPlan(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32), memory_limit=2)
+
+@pytest.mark.parametrize('kw', [dict(time_limit=0), dict(time_limit=-1), dict(memory_limit=0), dict(memory_limit='8')])
+def test_bad_limits(kw):
+    with pytest.raises(ValueError, match=f"`{list(kw)[0]}`"): SlimPlan(small_cnn(), torch.randn(2, 1, 8, 8), **kw)
+
+def test_failing_group_is_skipped_not_fatal(monkeypatch):
+    "An exception inside torch-pruning for one group skips that group, with the reason; the rest is planned"
+    orig = tp.DependencyGraph.get_pruning_group
+    def flaky(self, module, fn, idxs):
+        if module is model[3]: raise IndexError('list index out of range')
+        return orig(self, module, fn, idxs)
+    monkeypatch.setattr(tp.DependencyGraph, 'get_pruning_group', flaky)
+    model = small_cnn()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    assert [g.name for g in plan.groups] == ['0'] and 'IndexError' in plan.skipped['3']
+    plan.select(plan.l1_scores(), ratio=0.5)
+    assert plan['0'].n_keep == 8
+
+def test_graph_that_cannot_be_built_is_one_clear_error(monkeypatch):
+    def broken(self, *a, **k): raise KeyError('aten::weird_op')
+    monkeypatch.setattr(tp.DependencyGraph, 'build_dependency', broken)
+    with pytest.raises(PlanError, match="could not trace Sequential: KeyError: 'aten::weird_op'"):
+        SlimPlan(small_cnn(), torch.randn(2, 1, 8, 8))
+
+class ChannelMean(nn.Module):
+    "Scales by the sigmoid of the channel mean (like spatial attention): zero channels still count in the mean"
+    def forward(self, x): return x * x.mean(1, keepdim=True).sigmoid()
+
+def chain(n=24, c=4, bad=(5,)):
+    "A deep conv chain (tanh keeps zero channels zero and the signal alive) with channel means after layers `bad`"
+    layers = [nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.Tanh()]
+    for i in range(1, n):
+        if i in bad: layers.append(ChannelMean())
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Tanh()]
+    for m in layers:
+        if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, nonlinearity='tanh')
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3))
+
+def test_verify_bisects_instead_of_checking_every_group(monkeypatch):
+    model = chain().eval()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    calls = []
+    orig = SlimPlan._check
+    monkeypatch.setattr(SlimPlan, '_check', lambda self, *a: calls.append(1) or orig(self, *a))
+    plan.select(plan.l1_scores(), ratio=0.5, scope='local')
+    bad = [g for g in plan.skipped]
+    assert bad == [str(3 * 4)]                                       # the conv before the channel mean, only
+    assert len(plan.groups) == 23 and all(g.n_keep == 2 for g in plan.groups)
+    assert len(calls) <= 13 < 24                                     # about 2 log2(24) checks, not one per group
+    plan.apply()
+    assert outputs_close(model, plan.compact(), torch.randn(2, 1, 8, 8))
+
+def test_verify_off_checks_nothing(monkeypatch):
+    monkeypatch.setattr(SlimPlan, '_check', lambda *a: pytest.fail('checked'))
+    plan = SlimPlan(chain(6), torch.randn(2, 1, 8, 8), verify=False)
+    plan.select(plan.l1_scores(), ratio=0.5)
+    plan2 = SlimPlan(chain(6), torch.randn(2, 1, 8, 8))
+    plan2.select(plan2.l1_scores(), ratio=0.5, verify=False)
+
+def test_reselects_after_skipping_to_keep_the_ratio():
+    model = chain(8, 8, bad=(2,)).eval()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=0.5)
+    assert list(plan.skipped) == ['3']
+    total = sum(g.size for g in plan.groups)
+    assert sum(g.size - g.n_keep for g in plan.groups) == round(0.5 * total)
+
+def test_skipped_groups_survive_save_load(tmp_path):
+    model = chain(6, bad=(2,))
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=0.5).apply()
+    save_slim(model, tmp_path/'m.pt')
+    back = plan_of(load_slim(tmp_path/'m.pt', lambda: chain(6, bad=(2,))))
+    assert back.skipped == plan.skipped and [g.name for g in back.groups] == [g.name for g in plan.groups]
+
+class WithAux(nn.Module):
+    "An auxiliary head that only runs in training mode (GoogLeNet, Inception v3)"
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head, self.aux = nn.Linear(8, 3), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    def forward(self, x):
+        h = self.a(x); y = self.head(self.b(h))
+        return (y, self.aux(h)) if self.training else y
+
+def test_training_only_heads_are_pruned_consistently():
+    model = randomize_bn(WithAux())
+    x = torch.randn(2, 1, 8, 8)
+    plan = SlimPlan(model, x)
+    assert model.training and {g.name for g in plan.groups} == {'a.0', 'b.0'}   # the aux logits are outputs
+    plan.select(plan.l1_scores(), ratio=0.5).apply()
+    small = plan.compact()
+    assert small.a[0].out_channels == small.aux[2].in_features < 8
+    assert outputs_close(model, small, x)
+    y, aux = small.train()(x)
+    assert y.shape == aux.shape == (2, 3)
+
+def test_vit_slims_mlp_widths_not_heads():
+    "ViT attention is left alone (with the reason); the MLP hidden widths slim, and stay exactly equivalent"
+    model = timm.create_model('test_vit', pretrained=False, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = SlimPlan(model, x)
+    assert plan.verify_mode == 'runs' and 'attention: heads not pruned' in plan.skipped.values()
+    assert plan.groups and all(g.name.endswith('mlp.fc1') for g in plan.groups)
+    plan.select(plan.l2_scores(), ratio=0.5).apply()
+    small = plan.compact()
+    assert count_macs(small, x[:1]) < count_macs(model, x[:1])
+    assert small.blocks[0].attn.qkv.out_features == model.blocks[0].attn.qkv.out_features
+    assert outputs_close(model, small, x)
+
+class SlowTrace(nn.Module):
+    "Its second forward (torch-pruning's trace) is slow: the interrupt lands where torch-pruning has a bare `except:`"
+    def __init__(self): super().__init__(); self.c, self.h, self.n = nn.Conv2d(1, 4, 3), nn.Linear(4, 2), 0
+    def forward(self, x):
+        self.n += 1
+        if self.n == 2: time.sleep(1.)
+        return self.h(self.c(x).mean((2, 3)))
+
+def test_interrupt_swallowed_by_torch_pruning_still_times_out():
+    model = SlowTrace().eval()
+    with pytest.raises(PlanTimeout, match='while tracing the model'): SlimPlan(model, torch.randn(2, 1, 8, 8), time_limit=0.3)
+    assert model.n == 3          # torch-pruning caught the interrupt and ran the model again; the plan still stopped

@@ -12,7 +12,7 @@ built), `not-equivalent`, `crashed`, `hung` and `oom` (the failures), `n/a` (the
     python tests/zoo/sweep.py resnet18 tv:shufflenet_v2_x0_5 vit_tiny_patch16_224   # tv: marks torchvision
 """
 from __future__ import annotations
-import json, os, subprocess, sys, time, traceback
+import json, os, queue, subprocess, sys, tempfile, threading, time, traceback
 
 SUCCESS = {'ok', 'ok-unverified', 'partial'}
 FAILURE = {'not-equivalent', 'crashed', 'hung', 'oom'}
@@ -30,8 +30,8 @@ def _cross_channel_norm(model):
 def _kind(model, source):
     "'cnn', 'hybrid' or 'transformer' (attention or token-MLP models without spatial convolutions past the stem)"
     from torch import nn
-    attn = any(isinstance(m, nn.MultiheadAttention) or isinstance(getattr(m, 'num_heads', None), int)
-               or isinstance(getattr(m, 'heads', None), int) for m in model.modules())
+    from fastslim.plan import attention_layers
+    attn = bool(attention_layers(model))
     spatial = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and max(m.kernel_size) > 1]
     mlp = type(model).__name__ in ('MlpMixer', 'Sequencer2d') or 'Mixer' in type(model).__name__
     if mlp or (attn and len(spatial) <= 1): return 'transformer'
@@ -157,42 +157,89 @@ def _rss_gib(pid):
     except OSError: pass
     return 0.
 
+def _env():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # this tree's fastslim
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore',
+            'PYTHONPATH': os.pathsep.join([root] + [p for p in [os.environ.get('PYTHONPATH')] if p])}
+
+class Worker:
+    "A subprocess that imports torch, timm and fastslim once and runs `run_one` for model after model"
+    def __init__(self, recycle_gib=4.): self.p, self.recycle_gib = None, recycle_gib
+
+    def _start(self):
+        self.err = tempfile.TemporaryFile('w+')
+        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker'], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self.err, text=True, env=_env())
+        self.q = queue.Queue()
+        threading.Thread(target=lambda p, q: [q.put(l) for l in p.stdout] + [q.put(None)], args=(self.p, self.q), daemon=True).start()
+        if self.q.get() is None: raise RuntimeError(f'the sweep worker did not start: {self._err()}')   # 'ready' after imports
+
+    def _err(self):
+        self.err.seek(0)
+        return self.err.read().strip()[-300:]
+
+    def stop(self):
+        if self.p is not None and self.p.poll() is None: self.p.kill(); self.p.wait()
+        self.p = None
+
+    def run(self, name, source='timm', timeout=300., memory_cap=10., **kw):
+        "`run_one` in the worker: a hang past `timeout` seconds or memory past `memory_cap` GiB kills it and is recorded"
+        if self.p is None or self.p.poll() is not None: self._start()
+        self.p.stdin.write(json.dumps(dict(name=name, source=source, **kw)) + '\n'); self.p.stdin.flush()
+        t0, peak, status = time.time(), 0., None
+        while True:
+            try: line = self.q.get(timeout=0.2)
+            except queue.Empty: line = ''
+            base = dict(model=name, source=source, seconds=round(time.time() - t0, 1), peak_gib=round(peak, 2))
+            if line is None:
+                code = self.p.wait(); err = self._err(); self.p = None
+                return {**base, 'status': 'crashed', 'reason': f'the worker died (exit {code}): {err}'}
+            if line.startswith('{'):
+                if peak > self.recycle_gib: self.stop()      # a fresh process for the next model, with its memory back
+                return {**json.loads(line), 'peak_gib': round(peak, 2)}
+            peak = max(peak, _rss_gib(self.p.pid))
+            if time.time() - t0 > timeout: status = 'hung'
+            elif peak > memory_cap: status = 'oom'
+            if status:
+                self.stop()
+                return {**base, 'status': status, 'reason': f"killed after {base['seconds']}s at {peak:.1f} GiB"}
+
 def run_isolated(name, source='timm', timeout=300., memory_cap=10., **kw):
     "`run_one` in a fresh subprocess: a hang past `timeout` seconds or memory past `memory_cap` GiB is recorded"
-    args = [sys.executable, os.path.abspath(__file__), '--one', json.dumps(dict(name=name, source=source, **kw))]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
-    t0 = time.time()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak, status = 0., None
-    while p.poll() is None:
-        time.sleep(0.2)
-        peak = max(peak, _rss_gib(p.pid))
-        if time.time() - t0 > timeout: status = 'hung'
-        elif peak > memory_cap: status = 'oom'
-        if status: p.kill(); break
-    out, err = p.communicate()
-    base = dict(model=name, source=source, seconds=round(time.time() - t0, 1), peak_gib=round(peak, 2))
-    if status: return {**base, 'status': status, 'reason': f'killed after {base["seconds"]}s at {peak:.1f} GiB'}
-    for line in reversed(out.splitlines()):
-        if line.startswith('{'): return {**json.loads(line), 'peak_gib': round(peak, 2)}
-    return {**base, 'status': 'crashed', 'reason': f'subprocess exited {p.returncode}: {err.strip()[-300:]}'}
+    w = Worker()
+    try: return w.run(name, source, timeout=timeout, memory_cap=memory_cap, **kw)
+    finally: w.stop()
 
 def parse(spec):
     "'tv:resnet18' -> ('resnet18', 'tv'); 'resnet18' -> ('resnet18', 'timm')"
     return (spec[3:], 'tv') if spec.startswith('tv:') else (spec, 'timm')
 
-def sweep(models, ratio=0.5, time_limit=60., timeout=300., memory_cap=10., max_size=None, workers=1, log=None):
-    "Run `run_isolated` on every model spec ('tv:name' for torchvision, else timm); returns the list of results"
+def sweep(models, ratio=0.5, time_limit=60., timeout=300., memory_cap=10., max_size=None, workers=1, log=None, done=None):
+    "Run every model spec ('tv:name' for torchvision, else timm) in `workers` worker processes; returns the results"
     from concurrent.futures import ThreadPoolExecutor
+    local, pool = threading.local(), []
     def one(spec):
+        if not hasattr(local, 'w'): local.w = Worker(); pool.append(local.w)
         n, s = parse(spec)
-        r = run_isolated(n, s, timeout=timeout, memory_cap=memory_cap, ratio=ratio, time_limit=time_limit, max_size=max_size)
+        r = local.w.run(n, s, timeout=timeout, memory_cap=memory_cap, ratio=ratio, time_limit=time_limit, max_size=max_size)
+        if done: done(r)
         if log: print(f"{s}:{n:40} {r['status']:14} {r.get('seconds', 0):6.1f}s {r.get('reason', '')[:150]}", file=log, flush=True)
         return r
-    with ThreadPoolExecutor(workers) as ex: return list(ex.map(one, models))
+    try:
+        with ThreadPoolExecutor(workers) as ex: return list(ex.map(one, models))
+    finally:
+        for w in pool: w.stop()
+
+def _serve():
+    "Worker loop: one JSON line of `run_one` arguments in, one JSON line of results out"
+    import torch, timm, torchvision, fastslim.plan
+    print('ready', flush=True)
+    for line in sys.stdin:
+        print(json.dumps(run_one(**json.loads(line))), flush=True)
 
 if __name__ == '__main__':
     if len(sys.argv) == 3 and sys.argv[1] == '--one':
         print(json.dumps(run_one(**json.loads(sys.argv[2]))))
+    elif sys.argv[1:] == ['--worker']: _serve()
     else:
         for r in sweep(sys.argv[1:], log=sys.stdout): pass
