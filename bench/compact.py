@@ -2,16 +2,21 @@
 
 (a) Time to build a `SlimPlan` on torchvision's ResNet-50 (random init, input 1x3x224x224), select 50% of channels
     by L2 norm and compact, median of `n` repeats, next to torch-pruning's own `DependencyGraph.build_dependency`
-    on the same model and input. Goal: plan + select + compact under 1 s on 2 cores.
+    on the same model and input; once without the plan's self-check (`verify=False`, what torch-pruning does) and
+    once with it (the default: `select` compacts a copy and compares outputs on two inputs).
+    Goal: plan + select + compact under 1 s on 2 cores.
 (b) CPU latency (batch 32, one thread, median) of compacted against dense, next to the MACs ratio, for VGG-16-BN
-    CIFAR at 32x32 and ResNet-50 at 64x64, with 50% and 75% of channels removed by L2 norm, scope 'local' (every
-    layer shrinks by the same share) and 'global'. Goal: speed-up / MACs reduction >= 0.8.
+    CIFAR at 32x32 and ResNet-50 at 128x128, with 50% and 75% of channels removed by L2 norm, scope 'local' (every
+    layer shrinks by the same share) and 'global'. Measured eager as trained, and in deployment form (BatchNorm
+    folded into the convolutions with `torch.fx`, as ONNX export does) in NCHW and channels-last layouts.
+    Goal: speed-up / MACs reduction >= 0.8.
 
-    python bench/compact.py              # about 3-5 minutes on 2 cores
-    python bench/compact.py --n 5 --size 96
+    python bench/compact.py              # about 5-8 minutes on 2 free cores
+    python bench/compact.py --n 5 --size 224
 """
 import copy, statistics, time, warnings
 import torch, torchvision
+from torch.fx.experimental.optimization import fuse
 import torch_pruning as tp
 from fastcore.script import call_parse
 from fastslim.core import count_macs, cpu_latency
@@ -29,9 +34,23 @@ def plan_times(make, x, ratio=0.5, verify='auto'):
     _, t_comp = _timed(plan.compact)
     return dict(tp=t_tp, plan=t_plan, select=t_sel, compact=t_comp, total=t_plan + t_sel + t_comp)
 
+LAYOUTS = ('eager', 'folded', 'folded-cl')
+
+def deploy_form(model, layout):
+    "`model` as it runs: 'eager' (as trained), 'folded' (BatchNorm folded into convs), 'folded-cl' (and channels-last)"
+    m = copy.deepcopy(model).eval()
+    if layout == 'eager': return m
+    m = fuse(m)
+    return m.to(memory_format=torch.channels_last) if layout == 'folded-cl' else m
+
+def latencies(model, x, n):
+    "{layout: median seconds} at batch `x`, one thread"
+    xs = {'eager': x, 'folded': x, 'folded-cl': x.contiguous(memory_format=torch.channels_last)}
+    return {l: cpu_latency(deploy_form(model, l), xs[l], n=n, warmup=1, threads=1) for l in LAYOUTS}
+
 def speed_rows(name, model, x, ratios, n):
-    "(setting, MACs dense/slim, latency dense/slim, efficiency) for each scope and ratio"
-    dense_macs, dense_lat = count_macs(model, x[:1]), cpu_latency(model, x, n=n, threads=1)
+    "(setting, MACs dense/slim, {layout: speed-up}, min width, dense ms) for each scope and ratio"
+    dense_macs, dense_lat = count_macs(model, x[:1]), latencies(model, x, n)
     plan = SlimPlan(model, x[:1], verify=False)   # select re-sets the masks each time; verify is tested in the notebooks
     scores = plan.l2_scores()
     rows = []
@@ -40,9 +59,9 @@ def speed_rows(name, model, x, ratios, n):
             plan.select(scores, ratio=r, scope=scope)
             small = plan.compact()
             mr = dense_macs / count_macs(small, x[:1])
-            sr = dense_lat / cpu_latency(small, x, n=n, threads=1)
+            lat = latencies(small, x, n)
             widths = [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)]
-            rows.append((f'{name} {scope} {r:.0%}', mr, sr, sr / mr, min(widths), dense_lat))
+            rows.append((f'{name} {scope} {r:.0%}', mr, {l: dense_lat[l] / lat[l] for l in LAYOUTS}, min(widths), dense_lat['folded-cl']))
     return rows
 
 def _vgg16():
@@ -51,10 +70,9 @@ def _vgg16():
 
 @call_parse
 def main(
-    n:int=3, # repeats (median reported) for timing the plan, and timed forwards per latency
+    n:int=5, # repeats (median reported) for timing the plan
     lat_n:int=5, # timed forwards per latency measurement
-    size:int=64, # ResNet-50 input side for the latency test (64 or 96 keeps it tractable on one thread)
-    verify:str='auto', # SlimPlan's `verify` for part (a): 'auto' (the default: select checks outputs) or 'False'
+    size:int=128, # ResNet-50 input side for the latency test (224 is the ImageNet size, slow on one thread)
     skip_a:bool=False, # skip part (a)
     threads:int=2, # CPU threads for part (a) (use 1 on a machine shared with other jobs: OpenMP oversubscribes)
 ):
@@ -62,20 +80,29 @@ def main(
     torch.manual_seed(0); torch.set_num_threads(threads)
     print(f"torch threads for part (a): {torch.get_num_threads()}")
     if not skip_a:
-        v = False if verify == 'False' else verify
         make = lambda: torchvision.models.resnet50()
         x = torch.randn(1, 3, 224, 224)
-        runs = [plan_times(make, x, verify=v) for _ in range(n)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"\n(a) ResNet-50, 1x3x224x224, 50% channels by L2 (verify={verify!r}), median of {n} (seconds)")
-        print(f"{'torch-pruning build_dependency':34} {med['tp']:8.2f}")
-        for k in ('plan', 'select', 'compact', 'total'): print(f"{'fastslim ' + k:34} {med[k]:8.2f}")
-        print(f"plan+select+compact / tp build: {med['total']/med['tp']:.1f}x   goal: total < 1 s -> {'met' if med['total'] < 1 else 'NOT met'}")
+        print(f"\n(a) ResNet-50, 1x3x224x224, 50% channels by L2, median of {n} (seconds)")
+        print(f"{'':34} {'verify=False':>13} {'verify (default)':>17}")
+        med = {}
+        for v in (False, 'auto'):
+            runs = [plan_times(make, x, verify=v) for _ in range(n)]
+            med[v] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(f"{'torch-pruning build_dependency':34} {med[False]['tp']:13.2f} {med['auto']['tp']:17.2f}")
+        for k in ('plan', 'select', 'compact', 'total'): print(f"{'fastslim ' + k:34} {med[False][k]:13.2f} {med['auto'][k]:17.2f}")
+        for v, what in ((False, 'without'), ('auto', 'with')):
+            t = med[v]['total']
+            print(f"{what} the self-check: plan+select+compact = {t/med[v]['tp']:.1f}x tp build; goal total < 1 s -> {'met' if t < 1 else 'NOT met'}")
 
     print(f"\n(b) CPU latency, batch 32, 1 thread, median of {lat_n}; random init; channels ranked by L2 norm")
+    print("    speed-up = dense latency / slim latency in the same form; folded = BatchNorm folded into the convs; cl = channels-last")
     rows = speed_rows('VGG-16-BN 32px', _vgg16(), torch.randn(32, 3, 32, 32), (0.5, 0.75), lat_n)
     rows += speed_rows(f'ResNet-50 {size}px', torchvision.models.resnet50(), torch.randn(32, 3, size, size), (0.5, 0.75), lat_n)
-    print(f"{'setting (share removed)':28} {'MACs dense/slim':>16} {'speed-up':>9} {'speed/MACs':>11} {'min width':>10} {'dense ms':>9}")
-    for s, mr, sr, e, w, dl in rows: print(f"{s:28} {mr:15.2f}x {sr:8.2f}x {e:11.2f} {w:10d} {dl*1e3:9.1f}")
-    loc = [r[3] for r in rows if 'local' in r[0]]
-    print(f"goal speed-up / MACs reduction >= 0.8 (local): {'met' if min(loc) >= 0.8 else 'NOT met'} (min {min(loc):.2f})")
+    print(f"{'setting (share removed)':26} {'MACs dense/slim':>15} " + ' '.join(f"{'speed ' + l:>16}" for l in LAYOUTS)
+          + f" {'min width':>9} {'dense ms (folded-cl)':>20}")
+    for s, mr, sp, w, dl in rows:
+        print(f"{s:26} {mr:14.2f}x " + ' '.join(f"{sp[l]:6.2f}x ({sp[l]/mr:4.2f})" for l in LAYOUTS) + f" {w:9d} {dl*1e3:20.1f}")
+    print("(in brackets: speed-up / MACs reduction)")
+    for l in LAYOUTS:
+        loc = [r[2][l] / r[1] for r in rows if 'local' in r[0]]
+        print(f"goal speed-up / MACs reduction >= 0.8 for every 'local' setting, {l:9}: {'met' if min(loc) >= 0.8 else 'NOT met'} (min {min(loc):.2f})")

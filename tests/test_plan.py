@@ -419,3 +419,21 @@ def test_interrupt_swallowed_by_torch_pruning_still_times_out():
     model = SlowTrace().eval()
     with pytest.raises(PlanTimeout, match='while tracing the model'): SlimPlan(model, torch.randn(2, 1, 8, 8), time_limit=0.3)
     assert model.n == 3          # torch-pruning caught the interrupt and ran the model again; the plan still stopped
+
+@pytest.mark.parametrize('layer', [nn.Conv2d(6, 8, 3), nn.Conv2d(6, 8, 3, groups=2), nn.Conv2d(6, 6, 3, groups=6),
+                                   nn.ConvTranspose2d(6, 8, 3), nn.Linear(6, 8), nn.BatchNorm2d(6), nn.LayerNorm(6),
+                                   nn.GroupNorm(2, 6), nn.InstanceNorm2d(6, affine=True), nn.PReLU(6)])
+def test_recorded_masks_equal_probed_masks(layer, monkeypatch):
+    "The fast path (torch-pruning's own handlers, recorded) removes exactly what the index probes say it removes"
+    import torch_pruning as tp
+    import fastslim.plan as P
+    pruner = tp.pruner.function.PrunerBox[tp.ops.module2type(layer)]
+    for h in {pruner.prune_out_channels, pruner.prune_in_channels}:
+        idxs = [0, 3] if h.__name__ == 'prune_out_channels' or not isinstance(layer, nn.Conv2d) or layer.groups == 1 else [0]
+        fast = P._probe_removed(layer, h, idxs)
+        assert P._recorded(layer, h, idxs, dict(layer.named_parameters())) is not None   # the fast path was taken
+        monkeypatch.setattr(P, '_recorded', lambda *a: None)
+        slow = P._probe_removed(layer, h, idxs)
+        monkeypatch.undo()
+        assert fast.keys() == slow.keys() and fast
+        for n in fast: assert torch.equal(fast[n], slow[n]), n
