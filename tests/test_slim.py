@@ -133,3 +133,14 @@ def test_bad_input(kwargs, match, monkeypatch):
     sd = _state(learn.model)
     with pytest.raises(ValueError, match=match): learn.slim(**kwargs)
     assert calls == [] and _same(sd, _state(learn.model))
+
+def test_teacher_is_the_original_network(monkeypatch):
+    "Stage 3 distils from the network as the user trained it, not from its sparsity-trained copy"
+    import fastslim.slim as S
+    learn = _dense(0, epochs=1)
+    original, seen = _state(learn.model), []
+    class Spy(S.DistillCallback):
+        def __init__(self, teacher, **kw): seen.append(_state(teacher)); super().__init__(teacher, **kw)
+    monkeypatch.setattr(S, 'DistillCallback', Spy)
+    _slim(learn, 'slimming', target_macs=0.5, sparse_epochs=1, prune_epochs=1, finetune_epochs=1)
+    assert len(seen) == 1 and _same(seen[0], original)
