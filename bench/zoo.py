@@ -115,7 +115,7 @@ def main(only:str='', # 'tv' or 'timm' (default both)
          rerun:bool=False, # run models already in the CSV again (their old rows are dropped)
          timeout:float=600., # seconds per model before it counts as hung
          time_limit:float=120., # the plan's own time limit (within which it must finish or refuse)
-         memory_cap:float=10., # GiB per model before it counts as out of memory
+         memory_cap:float=16., # GiB per model (resident, weights included) before it counts as out of memory; the plan's own `memory_limit` (6 GiB extra) stops it first
          workers:int=1, # models run at the same time
          report_only:bool=False, # only write the markdown from the CSV
         ):

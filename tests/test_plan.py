@@ -1,5 +1,5 @@
 "The plan: coupled groups, masks that stay masked, the floor, compaction equivalence, learner integration, persistence."
-import copy
+import copy, time
 import pytest, torch, torchvision
 from torch import nn
 from fastai.learner import Learner
@@ -285,8 +285,9 @@ def test_torch_pruning_itself_is_unchanged():
 
 def test_time_limit_interrupts_cleanly():
     model = torchvision.models.resnet18(num_classes=10)
+    model.layer1.register_forward_hook(lambda *a: time.sleep(0.3))     # tracing runs past the limit, before any group
     hooks = [len(m._forward_hooks) for m in model.modules()]
-    with pytest.raises(PlanTimeout, match='`time_limit`') as e: SlimPlan(model, torch.randn(1, 3, 32, 32), time_limit=0.01)
+    with pytest.raises(PlanTimeout, match='`time_limit`') as e: SlimPlan(model, torch.randn(1, 3, 32, 32), time_limit=0.1)
     assert isinstance(e.value, TimeoutError)
     assert [len(m._forward_hooks) for m in model.modules()] == hooks    # no tracing hook left behind
     assert model.training                                                # nor eval mode
@@ -437,3 +438,36 @@ def test_recorded_masks_equal_probed_masks(layer, monkeypatch):
         monkeypatch.undo()
         assert fast.keys() == slow.keys() and fast
         for n in fast: assert torch.equal(fast[n], slow[n]), n
+
+class _CachingNet(nn.Module):
+    "Caches a tensor computed from a parameter with autograd on, as timm's LeViT/EfficientFormer attention biases do"
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        self.scale = nn.Parameter(torch.ones(4)); self.cache = {}
+    def forward(self, x):
+        if 's' not in self.cache: self.cache['s'] = self.scale * 2   # non-leaf: copy.deepcopy refuses it
+        return self.body(x) * self.cache['s'].view(1, -1, 1, 1)
+
+def test_compact_copies_models_with_autograd_caches():
+    model = _CachingNet().eval()
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(RuntimeError): copy.deepcopy(model)
+    plan = SlimPlan(model, torch.randn(2, 3, 8, 8))
+    plan.select(plan.l2_scores(), ratio=0.5)
+    small = plan.compact()
+    assert small.body[0].out_channels == 4 and torch.equal(small.cache['s'], model.cache['s'].detach())
+
+class _TokenNet(nn.Module):
+    "Passes a parameter between modules inside a tuple, as timm's PiT does (torch's module tracker fails on it)"
+    class Stage(nn.Module):
+        def __init__(self): super().__init__(); self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        def forward(self, xt): x, t = xt; return self.conv(x) + t[..., None, None], t
+    def __init__(self):
+        super().__init__()
+        self.stem, self.tok, self.stages = nn.Conv2d(3, 4, 1), nn.Parameter(torch.zeros(4)), nn.Sequential(self.Stage(), self.Stage())
+    def forward(self, x): return self.stages((self.stem(x), self.tok.expand(x.shape[0], -1)))[0]   # a view of a parameter
+
+def test_count_macs_with_parameters_between_modules():
+    m = _TokenNet()
+    assert count_macs(m, torch.randn(1, 3, 8, 8)) == 8*8*4*3 + 2 * 8*8*4*4*9

@@ -120,10 +120,11 @@ def run_one(name, source='timm', ratio=0.5, time_limit=60., memory_limit=6., rto
     except Exception as e: return {**res, 'status': 'n/a', 'reason': f'model does not run: {e}'[:300]}
     _randomize_bn(model)
     kind, cross = _kind(model, source), _cross_channel_norm(model)
-    res.update(size=size, kind=kind, category=category(source, kind), cross_norm=cross,
-               params_before=count_params(model), macs_before=count_macs(model, x[:1]))
-    stage = 'plan'
+    res.update(size=size, kind=kind, category=category(source, kind), cross_norm=cross, params_before=count_params(model))
+    stage = 'count MACs'
     try:
+        res['macs_before'] = count_macs(model, x[:1])
+        stage = 'plan'
         plan = SlimPlan(model, x, time_limit=time_limit, memory_limit=memory_limit)
         stage = 'select'
         plan.select(plan.l2_scores(), ratio=ratio)
