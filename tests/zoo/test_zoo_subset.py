@@ -4,10 +4,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from sweep import sweep, SUCCESS, FAILURE
 
-# mixed families: residual, depthwise/SE, channel shuffle, fire modules, LayerNorm CNN, ViT, hybrids, MLP-mixer
+# mixed families: residual, depthwise/SE, channel shuffle, fire modules, LayerNorm CNN, ViT, hybrids, MLP-mixer;
+# and models that once crashed: attention-bias caches made with autograd (LeViT), a parameter view passed between
+# modules (PiT), an index mapping that returns more channels than the layer has (CS3DarkNet focus)
 SUBSET = ['tv:resnet18', 'tv:mobilenet_v3_small', 'tv:shufflenet_v2_x0_5', 'tv:squeezenet1_1',
           'test_convnext', 'test_vit', 'test_coatnet', 'test_efficientnet', 'test_byobnet', 'test_nfnet',
-          'mobilevit_xxs', 'mixer_s16_224', 'dla46x_c']
+          'mobilevit_xxs', 'mixer_s16_224', 'dla46x_c', 'levit_128s', 'pit_ti_224', 'cs3darknet_focus_s']
 
 @pytest.fixture(scope='module')
 def results():
