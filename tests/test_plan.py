@@ -471,3 +471,16 @@ class _TokenNet(nn.Module):
 def test_count_macs_with_parameters_between_modules():
     m = _TokenNet()
     assert count_macs(m, torch.randn(1, 3, 8, 8)) == 8*8*4*3 + 2 * 8*8*4*4*9
+
+class _FixedBatch(nn.Module):
+    "Runs only on batches of exactly 2 (a reshape with the batch size written in): the self-check can't join inputs"
+    def __init__(self):
+        super().__init__(); self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+    def forward(self, x): return self.head(self.bn(self.conv(x))).reshape(2, -1)
+
+def test_self_check_falls_back_to_one_input_at_a_time():
+    model = randomize_bn(_FixedBatch()).eval()
+    plan = SlimPlan(model, torch.randn(2, 3, 8, 8))
+    plan.select(plan.l2_scores(), ratio=0.5)    # verify='equal' by default: runs the check
+    assert plan['conv'].n_keep == 4 and not plan.skipped
+    assert plan.verify(fix=False)
