@@ -19,7 +19,7 @@ from fastai.metrics import accuracy
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from fastslim.data import npz_dls
-from fastslim.sparsity import SparsityCallback, bn_layers, bn_sparsity
+from fastslim.sparsity import SparsityCallback, bn_sparsity, zeroed_bn_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,19 +32,6 @@ def cnn(n_out=10):
 def validate(learn):
     with learn.no_bar(), learn.no_logging(): return float(learn.validate()[1])
 
-def prune_global(learn, ratio):
-    "Test accuracy with gamma and beta of the `ratio` lowest-|gamma| BN channels of the whole network set to zero"
-    bns = list(bn_layers(learn.model).values())
-    g = torch.cat([b.weight.detach().abs() for b in bns])
-    thr = g.sort().values[int(len(g) * ratio)]
-    saved = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    with torch.no_grad():
-        for b in bns:
-            z = b.weight.abs() < thr
-            b.weight[z] = 0; b.bias[z] = 0
-    acc = validate(learn)
-    learn.model.load_state_dict(saved)
-    return acc
 
 @call_parse
 def main(
@@ -71,7 +58,7 @@ def main(
         learn = Learner(dls, cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs)
         t = time.time()
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-        rows.append((name, r, validate(learn), bn_sparsity(learn), prune_global(learn, ratio), time.time() - t))
+        rows.append((name, r, validate(learn), bn_sparsity(learn), zeroed_bn_accuracy(learn, ratio), time.time() - t))
     print(f"{'setting':30} {'reg':>7} {'accuracy':>9} {'|gamma|<1e-2':>13} {f'acc, {ratio:.0%} pruned':>16} {'time':>6}")
     for name, r, acc, near, pacc, t in rows:
         print(f"{name:30} {r:7.1e} {acc:9.4f} {near:13.1%} {pacc:16.4f} {t:5.0f}s")

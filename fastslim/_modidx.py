@@ -593,4 +593,5 @@ d = { 'settings': { 'branch': 'main',
                                    'fastslim.sparsity.plot_bn_scales': ('sparsity.html#plot_bn_scales', 'fastslim/sparsity.py'),
                                    'fastslim.sparsity.register_block': ('sparsity.html#register_block', 'fastslim/sparsity.py'),
                                    'fastslim.sparsity.remove_dead_blocks': ('sparsity.html#remove_dead_blocks', 'fastslim/sparsity.py'),
-                                   'fastslim.sparsity.residual_blocks': ('sparsity.html#residual_blocks', 'fastslim/sparsity.py')}}}
+                                   'fastslim.sparsity.residual_blocks': ('sparsity.html#residual_blocks', 'fastslim/sparsity.py'),
+                                   'fastslim.sparsity.zeroed_bn_accuracy': ('sparsity.html#zeroed_bn_accuracy', 'fastslim/sparsity.py')}}}

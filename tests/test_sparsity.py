@@ -56,19 +56,7 @@ def quiet_fit(learn, *args, one_cycle=True, **kw):
 def valid_acc(learn):
     with learn.no_bar(), learn.no_logging(): return float(learn.validate()[1])
 
-def prune_bn_global(learn, ratio=0.5):
-    "Accuracy after zeroing gamma and beta of the `ratio` lowest-|gamma| BN channels of the whole net (then restored)"
-    bns = list(bn_layers(learn.model).values())
-    g = torch.cat([b.weight.detach().abs() for b in bns])
-    thr = g.sort().values[int(len(g) * ratio)]
-    saved = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    with torch.no_grad():
-        for b in bns:
-            z = b.weight.abs() < thr
-            b.weight[z] = 0; b.bias[z] = 0
-    acc = valid_acc(learn)
-    learn.model.load_state_dict(saved)
-    return acc
+def prune_bn_global(learn, ratio=0.5): return zeroed_bn_accuracy(learn, ratio)
 
 # ------------------------------------------------------------------------------------ Network Slimming on digits
 @pytest.fixture(scope='module')
