@@ -17,15 +17,8 @@ def small_cnn():
                          nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One torch thread: the tests share a small machine"
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 @pytest.fixture(scope='module')
-def learn(one_thread):
+def learn():
     torch.manual_seed(0)
     learn = Learner(digits_dls(bs=64), small_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 1e-2)

@@ -25,14 +25,6 @@ PAPER = {
 OPTION_A = {'fastslim_resnet20_cifar': (0.27, 2, 2752), 'fastslim_resnet56_cifar': (0.85, 2, 2752),
             'fastslim_resnet110_cifar': (1.7, 1, 2752), 'fastslim_preresnet110_cifar': (1.7, 1, 2560)}
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "These small forwards run fastest on one thread, and do not fight other processes for cores"
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 def build(name, **kwargs):
     "A model from timm, on the meta device (no memory, no init cost) unless `device` is given"
     device = kwargs.pop('device', 'meta')

@@ -1,5 +1,4 @@
 "Network Slimming across the CIFAR zoo: global BN-scale selection, compaction equal to the masked model, a training step and a save/load round trip"
-import os
 import pytest
 import torch
 from torch import nn
@@ -10,15 +9,6 @@ from fastslim.plan import SlimPlan, save_slim, load_slim
 from fastslim.data import digits_dls
 from fastslim.cli import main
 
-# pyproject's `slow` marker: heavier tests, run with FASTSLIM_TEST_FLAGS=slow
-slow = pytest.mark.skipif('slow' not in os.environ.get('FASTSLIM_TEST_FLAGS', '').split(), reason='slow: set FASTSLIM_TEST_FLAGS=slow')
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 # Small widths/depths of every family (the constructors take width configs); the real nets are below
 FAMILIES = {
@@ -145,7 +135,7 @@ REAL = {'resnet164': fastslim_resnet164_cifar, 'densenet40': fastslim_densenet40
         'densenet_bc100': fastslim_densenet_bc100_cifar, 'preresnet110': fastslim_preresnet110_cifar,
         'resnext29_8x64d': fastslim_resnext29_8x64d_cifar}
 
-@pytest.mark.parametrize('name', [n if n in ('resnet164', 'densenet40') else pytest.param(n, marks=[pytest.mark.slow, slow])
+@pytest.mark.parametrize('name', [n if n in ('resnet164', 'densenet40') else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(REAL)])
 def test_real_net(name, tmp_path):
     "The published depths and widths at 60%: plan on one 32x32 image, compact, equal outputs, round trip"
@@ -156,8 +146,7 @@ def test_real_net(name, tmp_path):
     check_equal(model, small, x)
     round_trip(small, ctor, x, tmp_path)
 
-@pytest.mark.slow
-@slow
+@pytest.mark.slow   # conftest skips it unless FASTSLIM_TEST_FLAGS=slow
 @pytest.mark.parametrize('arch', ['fastslim_resnet20_cifar', 'fastslim_vgg11_bn_cifar'])
 def test_cli_slim(arch, tmp_path):
     "`fastslim slim` on digits resized to 32x32 for a CIFAR arch, one epoch of each phase"

@@ -19,14 +19,6 @@ warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
 warnings.filterwarnings('ignore', message='.*torch.cuda.amp.GradScaler is enabled.*')
 CPU = torch.device('cpu')
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One torch thread, as under xdist: these small models only lose from more, and the test is timed on one core"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ----------------------------------------------------------------------------------------------------------- models
 def conv_bn(ni, no): return [nn.Conv2d(ni, no, 3, padding=1, bias=False), nn.BatchNorm2d(no), nn.ReLU()]
 def digits_cnn():
