@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import *
 
 # %% auto #0
-__all__ = ['check_ratio', 'check_open_fraction', 'check_choice', 'model_device', 'as_inputs', 'count_params', 'eval_mode',
-           'macs_by_module', 'count_macs', 'state_size', 'cpu_latency']
+__all__ = ['check_ratio', 'check_open_fraction', 'check_positive', 'check_bool', 'check_choice', 'model_device', 'plain',
+           'as_inputs', 'split_batch', 'example_batch', 'count_params', 'eval_mode', 'macs_by_module', 'count_macs',
+           'state_size', 'cpu_latency']
 
 # %% ../nbs/00_core.ipynb #350e9ecf
 def check_ratio(value, name='ratio'):
@@ -33,6 +34,18 @@ def check_open_fraction(value, name='target'):
     return v
 
 # %% ../nbs/00_core.ipynb #575c26b1
+def check_positive(value, name):
+    "Return `value` as a float if it is a finite number > 0, else raise a `ValueError` naming `name`"
+    try: v = float(value)
+    except (TypeError, ValueError): raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(v) and v > 0): raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+    return v
+
+def check_bool(value, name):
+    "Return `value` if it is True or False, else raise a `ValueError` naming `name`"
+    if not isinstance(value, bool): raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
 def check_choice(value, choices, name):
     "Return `value` if it is one of `choices`, else raise a `ValueError` listing them"
     if value not in choices: raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
@@ -46,9 +59,26 @@ def model_device(model:nn.Module):
     return t.device if t is not None else torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #9f34d09b
+def plain(x):
+    "`x` as a plain `torch.Tensor` if it is a tensor subclass (fastai's `TensorImage`, `TensorCategory`...), else `x`"
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) not in (torch.Tensor, nn.Parameter) else x
+
 def as_inputs(x):
-    "`x` as a tuple of positional inputs"
-    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+    "`x` as a tuple of positional inputs, fastai's tensor subclasses made plain tensors"
+    return tuple(plain(o) for o in x) if isinstance(x, (list, tuple)) else (plain(x),)
+
+def split_batch(b, n_inp:int|None=None):
+    "`(inputs, targets)` of batch `b` as fastai's `Learner` splits it: the first `n_inp` items (default: all but the last)"
+    b = tuple(b) if isinstance(b, (list, tuple)) else (b,)
+    n = (1 if len(b) == 1 else len(b) - 1) if n_inp is None else n_inp
+    return as_inputs(b[:n]), b[n:]
+
+def example_batch(dls, n:int|None=2):
+    "The first `n` samples of the inputs of one batch of `dls` (validation, or training when it is empty), as plain tensors"
+    dl = dls.valid if len(dls.valid) else dls.train
+    b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))   # a plain torch `DataLoader` has no `one_batch`
+    xs, _ = split_batch(b, getattr(dls, 'n_inp', None))
+    return tuple(o[:n].detach() if n else o.detach() for o in xs)
 
 # %% ../nbs/00_core.ipynb #ea426f86
 def count_params(model:nn.Module, trainable:bool=False):

@@ -119,10 +119,11 @@ def _batches(dls, n_batches:int, valid:bool=False, device=None):
     res = []
     for b in dl:
         b = (b,) if isinstance(b, torch.Tensor) else tuple(b)
-        res.append(tuple(t.to(device) if isinstance(t, torch.Tensor) and device is not None else t for t in b))
+        res.append(tuple(plain(t.to(device)) if isinstance(t, torch.Tensor) and device is not None else plain(t) for t in b))
         if len(res) == n_batches: break
     if not res: raise ValueError("`dls` yielded no batch")
-    return res, getattr(dls, 'n_inp', None) or getattr(dl, 'n_inp', None) or 1
+    n_inp = getattr(dls, 'n_inp', None) or getattr(dl, 'n_inp', None)
+    return res, n_inp or len(split_batch(res[0])[0])   # fastai's fallback: all items but the last are inputs
 
 # %% ../nbs/30_criteria.ipynb #9b8ad8e8
 def _supported(m):

@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import Hooks
 from fastai.torch_core import to_device
-from .core import check_choice, model_device, eval_mode
+from .core import check_choice, model_device, eval_mode, example_batch
 
 # %% auto #0
 __all__ = ['feature_losses', 'default_feature_weights', 'kd_loss', 'dkd_loss', 'attention_map', 'at_loss', 'similarity_matrix',
@@ -220,10 +220,7 @@ class DistillCallback(Callback):
 
     def _probe(self):
         "One eval forward of student and teacher on <= 2 samples: check output and feature shapes, build adapters"
-        dls = self.dls
-        dl = dls.valid if len(dls.loaders) > 1 and len(dls.valid) else dls.train
-        b = to_device(dl.one_batch(), self._device)
-        xb = tuple(x[:2] for x in b[:self.dls.n_inp])
+        xb = to_device(example_batch(self.dls), self._device)
         self._record = True
         try:
             with torch.no_grad(), eval_mode(self.learn.model):

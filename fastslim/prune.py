@@ -59,7 +59,7 @@ class PruneCallback(Callback):
                  compact_at_end:bool=False, # replace the learner's model by the compacted one after `fit`
                  rewind_epoch:int=None, # lottery-ticket rewinding: reset survivors to their values after this epoch
                  plan:SlimPlan=None, # an existing plan on the learner's model (default: built in `before_fit`)
-                 verify:bool=False, # check masked and compacted outputs agree after each step
+                 verify:bool|str=None, # check the compacted model after each step ('equal', 'runs', False); default: the plan's ('equal' outputs)
                  **criterion_kwargs, # passed to the criterion (e.g. `n_batches` for data-driven ones)
                 ):
         if (ratio is None) == (target_macs is None): raise ValueError("give exactly one of `ratio` and `target_macs`")
@@ -68,6 +68,11 @@ class PruneCallback(Callback):
         check_choice(granularity, {'channel', 'weight'}, 'granularity')
         if scope is not None: check_choice(scope, {'global', 'local'}, 'scope')
         if target_macs is not None and granularity == 'weight': raise ValueError("`target_macs` needs `granularity='channel'`")
+        if verify not in (None, True, False, 'equal', 'runs'): raise ValueError(f"`verify` must be None, True, False, 'equal' or 'runs', got {verify!r}")
+        if soft not in (None, True, False): raise ValueError(f"`soft` must be None, True or False, got {soft!r}")
+        if min_keep is not None and (isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not math.isfinite(min_keep)
+                                     or min_keep < 0 or (isinstance(min_keep, int) and min_keep < 1) or (isinstance(min_keep, float) and min_keep >= 1)):
+            raise ValueError(f"`min_keep` must be a count >= 1 or a fraction in [0, 1), got {min_keep!r}")
         if rewind_epoch is not None and (not isinstance(rewind_epoch, int) or rewind_epoch < 0):
             raise ValueError(f"`rewind_epoch` must be an epoch number >= 0, got {rewind_epoch!r}")
         self.schedule = _schedule(schedule, start, end, n_steps)
@@ -86,13 +91,17 @@ def before_fit(self:PruneCallback):
     if hasattr(self.learn, 'lr_finder'): return
     if getattr(self.crit, 'needs_data', False) and getattr(self.learn, 'dls', None) is None:
         raise ValueError("this criterion needs data: the learner has no `dls`")
-    xb = self.learn.dls.valid.one_batch()[0] if len(self.learn.dls.valid) else self.learn.dls.train.one_batch()[0]
-    if self.plan is None or self.plan.model is not self.learn.model:
-        self.plan = plan_of(self.learn.model) or SlimPlan(self.learn.model, xb[:2], **({} if self.min_keep is None else {'min_keep': self.min_keep}))
+    if self.plan is None or self.plan.model is not self.learn.model: self.plan = self._plan_for(self.learn)
     self.plan.hard = not self.soft
     n_iters = self.learn.n_epoch * len(self.learn.dls.train)
     self.steps = {} if self.soft else dict(zip(self.schedule.steps(n_iters), self.schedule.fractions))
     self.rewind_state = copy.deepcopy(self.learn.model.state_dict()) if self.rewind_epoch == 0 else None
+
+@patch
+def _plan_for(self:PruneCallback, learn:Learner):
+    "The plan already on `learn.model`, or a new one built on an example batch of all its inputs"
+    kw = {} if self.min_keep is None else dict(min_keep=self.min_keep)
+    return plan_of(learn.model) or SlimPlan(learn.model, example_batch(learn.dls), **kw)
 
 @patch
 def _prune_step(self:PruneCallback, frac:float):
@@ -113,9 +122,7 @@ def _prune_step(self:PruneCallback, frac:float):
 def prune_now(self:PruneCallback, learn:Learner):
     "Prune `learn`'s model to the full target at once, outside `fit` (what a one-shot schedule does at `start`)"
     self.learn = learn
-    if self.plan is None or self.plan.model is not learn.model:
-        xb = learn.dls.valid.one_batch()[0] if len(learn.dls.valid) else learn.dls.train.one_batch()[0]
-        self.plan = plan_of(learn.model) or SlimPlan(learn.model, xb[:2], **({} if self.min_keep is None else {'min_keep': self.min_keep}))
+    if self.plan is None or self.plan.model is not learn.model: self.plan = self._plan_for(learn)
     self.plan.hard, self.rewind_state = not self.soft, None
     if getattr(learn, 'opt', None) is None: learn.create_opt()
     self._prune_step(1.)
@@ -154,7 +161,9 @@ def after_fit(self:PruneCallback):
     if self.compact_at_end: self.learn.compact(self.plan)
 
 # %% ../nbs/31_prune.ipynb #27fad76b
-def recalibrate_bn(model:nn.Module, dl, n_batches:int=20):
+def recalibrate_bn(model:nn.Module, dl, n_batches:int=20,
+                   n_inp:int|None=None, # inputs per batch (default: the loader's `n_inp`, else all but the last item)
+                  ):
     "Re-estimate the running statistics of every BatchNorm of `model` on `n_batches` batches of `dl` (no training)"
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns: return model
@@ -164,7 +173,7 @@ def recalibrate_bn(model:nn.Module, dl, n_batches:int=20):
         for m in bns: m.reset_running_stats(); m.momentum = None; m.train()   # cumulative average over the batches
         for i, b in enumerate(dl):
             if i >= n_batches: break
-            model(b[0].to(dev))
+            model(*(o.to(dev) for o in split_batch(b, n_inp or getattr(dl, 'n_inp', None))[0]))
     for m, (mom, tr) in state.items(): m.momentum, m.training = mom, tr
     return model
 
@@ -197,8 +206,8 @@ def scratch_e(dls, small:nn.Module, epochs:int, lr:float=1e-2, seed:int=None, **
 
 def scratch_b(dls, small:nn.Module, epochs:int, dense_macs:int, lr:float=1e-2, seed:int=None, **kwargs):
     "Train the small architecture from scratch with the dense model's compute budget (Scratch-B)"
-    x = dls.one_batch()[0][:1]
-    n = scratch_epochs(epochs, dense_macs, count_macs(small, x.cpu().to(next(small.parameters()).device)), 'B')
+    x = example_batch(dls, 1)
+    n = scratch_epochs(epochs, dense_macs, count_macs(small, tuple(o.to(model_device(small)) for o in x)), 'B')
     learn = scratch_learner(dls, small, seed=seed, **kwargs)
     learn.fit_one_cycle(n, lr)
     return learn

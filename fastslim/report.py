@@ -19,8 +19,8 @@ __all__ = ['measure', 'conv_widths', 'SlimReport']
 # %% ../nbs/71_report.ipynb #adf3bedf
 def measure(model:nn.Module, x, accuracy:float=None, n:int=10):
     "Params, MACs, `state_dict` size and median CPU latency (one thread) at batch 1 and 32 of `model` on inputs like `x`"
-    x = x.detach().cpu()
-    x1, x32 = x[:1], x[:1].expand(32, *x.shape[1:]).contiguous()
+    xs = tuple(o.detach().cpu() for o in as_inputs(x))
+    x1, x32 = tuple(o[:1] for o in xs), tuple(o[:1].expand(32, *o.shape[1:]).contiguous() for o in xs)
     m = model.cpu()
     return dict(accuracy=accuracy, params=count_params(m), macs=count_macs(m, x1), size=state_size(m),
                 latency_1=cpu_latency(m, x1, n=n), latency_32=cpu_latency(m, x32, n=max(3, n//2)))
