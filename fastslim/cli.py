@@ -6,11 +6,11 @@ Docs: https://fastslim.github.io/fastslim/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #c60d3204
 from __future__ import annotations
-import sys, json, os
+import sys, json, os, contextlib
 from pathlib import Path
 import torch
 from fastcore.script import call_parse, parse_cli, CliError
-from .core import check_ratio, check_open_fraction
+from .core import check_ratio, check_open_fraction, check_positive, example_batch
 
 # %% auto #0
 __all__ = ['build_model', 'slim', 'run_command', 'main']
@@ -25,6 +25,18 @@ def build_model(arch:str, num_classes:int, in_channels:int):
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     raise ValueError(f"`arch` must be a fastslim, timm or torchvision model name, got {arch!r}")
 
+def _arch_kwargs(arch:str, num_classes:int, in_channels:int):
+    "The constructor keywords `build_model` passes for `arch`, as `meta.json` records them (torchvision takes no `in_chans`)"
+    import timm
+    return dict(num_classes=num_classes, in_chans=in_channels) if timm.is_model(arch) else dict(num_classes=num_classes)
+
+def _check_count(v, name, low=0, none_ok=False):
+    "`v` if it is a whole number >= `low` (or None when `none_ok`), else a `ValueError` naming the option"
+    if v is None and none_ok: return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"`--{name.replace('_', '-')}` must be a whole number >= {low}, got {v!r}")
+    return v
+
 def _input_spec(arch:str, size):
     "(size, channels) the data should have for `arch`: digits stay 8x8 for the tiny default, else 32x32 RGB-like"
     import timm
@@ -33,6 +45,11 @@ def _input_spec(arch:str, size):
     return size, channels
 
 # %% ../nbs/90_cli.ipynb #02c73440
+def _write_json(path:Path, d:dict):
+    "Write `d` to `path` whole or not at all: a temporary file renamed over it"
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(d, indent=1)); os.replace(tmp, path)
+
 def _check_out(out:Path, run:dict, force:bool):
     "Refuse an output folder that holds something other than this run, unless `force`"
     if not out.exists() or not any(out.iterdir()) or force: return
@@ -70,6 +87,12 @@ def slim(
     from fastslim.slim import METHODS
     import fastslim.models  # registers the fastslim models with timm
     if method not in METHODS: raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+    for v, n in ((dense_epochs, 'dense_epochs'), (prune_epochs, 'prune_epochs'), (finetune_epochs, 'finetune_epochs')): _check_count(v, n)
+    _check_count(sparse_epochs, 'sparse_epochs', none_ok=True); _check_count(bs, 'bs', 1); _check_count(size, 'size', 1, none_ok=True)
+    check_positive(lr, 'lr')
+    if reg is not None:
+        from fastslim.sparsity import check_reg
+        check_reg(reg)
     if target_macs is None and ratio is None: target_macs = 0.25
     if ratio is not None and target_macs is not None: raise ValueError("give only one of --ratio and --target-macs")
     if target_macs is not None: check_open_fraction(target_macs, 'target_macs')
@@ -82,19 +105,21 @@ def slim(
     sz, ch = _input_spec(arch, size)
     set_seed(seed)
     dls = get_dls(data, size=sz, channels=ch, bs=bs, seed=seed)
+    ch = example_batch(dls)[0].shape[1]   # an image folder gives RGB batches whatever the architecture's default
     model = build_model(arch, dls.c, ch)
     learn = Learner(dls, model, metrics=accuracy)
     print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
-    learn.fit_one_cycle(dense_epochs, lr)
+    from fastslim.slim import _interactive
+    with (learn.no_bar() if not _interactive() else contextlib.nullcontext()): learn.fit_one_cycle(dense_epochs, lr)
     print(f"fastslim: slimming with {method}")
     report = learn.slim(method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
                         finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg)
     print(report)
     outp.mkdir(parents=True, exist_ok=True)
     save_slim(learn.model, outp/'slim.pt')
-    (outp/'meta.json').write_text(json.dumps(dict(arch=arch, kwargs=dict(num_classes=dls.c, in_chans=ch)), indent=1))
+    _write_json(outp/'meta.json', dict(arch=arch, kwargs=_arch_kwargs(arch, dls.c, ch)))
     report.save(outp)
-    (outp/'run.json').write_text(json.dumps(run, indent=1))
+    _write_json(outp/'run.json', run)
     print(f"fastslim: wrote {', '.join(sorted(os.listdir(outp)))} to {outp}")
     return 0
 

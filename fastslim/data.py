@@ -16,12 +16,15 @@ from fastai.losses import CrossEntropyLossFlat
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['ImageTensors', 'tensor_dls', 'digits_dls', 'npz_dls', 'get_dls']
+__all__ = ['ImageTensors', 'tensor_dls', 'digits_dls', 'digits_folder', 'npz_dls', 'get_dls']
 
 # %% ../nbs/01_data.ipynb #f7ee548d
 class ImageTensors(TensorDataset):
     "Images and integer labels as tensors; carries the loss fastai should infer for classification"
     loss_func = CrossEntropyLossFlat()
+    def new_empty(self):
+        "An empty copy with the same sample shapes: what `Learner.export` keeps of the data (fastai's `Datasets.new_empty`)"
+        return type(self)(*(t[:0] for t in self.tensors))
 
 def tensor_dls(x, y, valid_pct:float=0.2, bs:int=64, seed:int=0, device=None, num_workers:int=0, **kwargs):
     "fastai `DataLoaders` over float images `x` (N,C,H,W) and integer labels `y`, split at random with `seed`"
@@ -49,6 +52,20 @@ def digits_dls(size:int|None=None, channels:int=1, valid_pct:float=0.2, bs:int=6
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
     x = _channels(_resize((x - 0.3) / 0.4, size), channels)
     return tensor_dls(x, d.target, valid_pct=valid_pct, bs=bs, seed=seed, device=device)
+
+def digits_folder(dest, size:int=32, per_class:int|None=None)->Path:
+    "scikit-learn's digits written as PNG files in fastai's folder layout (`dest/<label>/<i>.png`), `size`x`size` grey levels"
+    from sklearn.datasets import load_digits
+    from PIL import Image
+    dest, d = Path(dest), load_digits()
+    counts = {}
+    for i, (im, t) in enumerate(zip(d.images, d.target)):
+        if per_class is not None and counts.get(t, 0) >= per_class: continue
+        counts[t] = counts.get(t, 0) + 1
+        (dest/str(t)).mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray((im * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+        img.save(dest/str(t)/f'{i}.png')
+    return dest
 
 # %% ../nbs/01_data.ipynb #b4c18a73
 def npz_dls(path, size:int|None=None, channels:int=1, n_train:int|None=None, valid_pct:float=0.2, bs:int=64,

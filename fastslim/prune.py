@@ -85,6 +85,10 @@ class PruneCallback(Callback):
         store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify')
         self.log = []
 
+    def __getstate__(self):
+        "Pickled (by `learn.export`) without the plan: the masks are buffers of the model, and `before_fit` finds them again"
+        return {k: v for k, v in self.__dict__.items() if k != 'plan'} | dict(plan=None)
+
 # %% ../nbs/31_prune.ipynb #e8b18c41
 @patch
 def before_fit(self:PruneCallback):

@@ -14,15 +14,35 @@ from fastcore.basics import *
 from .core import *
 
 # %% auto #0
-__all__ = ['measure', 'conv_widths', 'SlimReport']
+__all__ = ['weight_sparsity', 'deploy_size', 'measure', 'conv_widths', 'SlimReport']
 
 # %% ../nbs/71_report.ipynb #adf3bedf
+def _weights(model):
+    "The weight tensors of `model`'s conv and linear layers: what unstructured pruning zeroes"
+    return [m.weight.detach() for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+
+def weight_sparsity(model:nn.Module)->float:
+    "Share of the conv and linear weights of `model` that are exactly zero"
+    ws = _weights(model)
+    n = sum(w.numel() for w in ws)
+    return sum(int((w == 0).sum()) for w in ws) / n if n else 0.
+
+def deploy_size(model:nn.Module, sparse:bool=False)->int:
+    "Bytes of `model`'s state as deployed: without fastslim's mask buffers; with `sparse`, conv/linear weights as a bitmask plus their nonzero values"
+    sd = {k: v for k, v in model.state_dict().items() if '.slim_' not in k and not k.startswith('slim_')}
+    buf = io.BytesIO(); torch.save(sd, buf)
+    dense = buf.getbuffer().nbytes   # the file `torch.save` writes
+    if not sparse: return dense
+    ws = _weights(model)
+    return dense - sum(w.numel() * w.element_size() for w in ws) + sum(int((w != 0).sum()) * w.element_size() + (w.numel() + 7) // 8 for w in ws)
+
 def measure(model:nn.Module, x, accuracy:float=None, n:int=10):
-    "Params, MACs, `state_dict` size and median CPU latency (one thread) at batch 1 and 32 of `model` on inputs like `x`"
+    "Params, MACs, deployed size (dense, and sparse where weights are zeroed), weight sparsity and median CPU latency (one thread) at batch 1 and 32"
     xs = tuple(o.detach().cpu() for o in as_inputs(x))
     x1, x32 = tuple(o[:1] for o in xs), tuple(o[:1].expand(32, *o.shape[1:]).contiguous() for o in xs)
     m = model.cpu()
-    return dict(accuracy=accuracy, params=count_params(m), macs=count_macs(m, x1), size=state_size(m),
+    return dict(accuracy=accuracy, params=count_params(m), macs=count_macs(m, x1), size=deploy_size(m),
+                sparsity=weight_sparsity(m), sparse_size=deploy_size(m, sparse=True),
                 latency_1=cpu_latency(m, x1, n=n), latency_32=cpu_latency(m, x32, n=max(3, n//2)))
 
 # %% ../nbs/71_report.ipynb #f570c9f1
@@ -38,13 +58,14 @@ def _fig_html(fig):
 
 def _fmt(k, v):
     if v is None: return '-'
-    if k == 'accuracy': return f'{v:.2%}'
-    if k == 'size': return f'{v/2**20:.2f} MiB' if v > 2**20 else f'{v/2**10:.1f} KiB'
+    if k in ('accuracy', 'sparsity'): return f'{v:.2%}'
+    if k in ('size', 'sparse_size'): return f'{v/2**20:.2f} MiB' if v > 2**20 else f'{v/2**10:.1f} KiB'
     if k.startswith('latency'): return f'{v*1e3:.2f} ms'
     return f'{v:,}'
 
-_labels = dict(accuracy='accuracy', params='params', macs='MACs', size='file size', latency_1='CPU latency bs=1',
-               latency_32='CPU latency bs=32')
+_labels = dict(accuracy='accuracy', params='params', macs='MACs', size='file size', sparsity='zero weights',
+               sparse_size='sparse file size', latency_1='CPU latency bs=1', latency_32='CPU latency bs=32')
+_sparse_rows = ('sparsity', 'sparse_size')   # shown only when the slim model has zeroed weights
 
 # %% ../nbs/71_report.ipynb #b0b46540
 class SlimReport:
@@ -63,16 +84,21 @@ class SlimReport:
 
     def ratios(self):
         "Dense / slim for params, MACs, size and latency (higher is better), and the accuracy change in points"
-        r = {k: self.dense[k] / self.slim[k] for k in ('params', 'macs', 'size', 'latency_1', 'latency_32') if self.slim.get(k)}
+        r = {k: self.dense[k] / self.slim[k] for k in ('params', 'macs', 'size', 'sparse_size', 'latency_1', 'latency_32')
+             if self.slim.get(k) and self.dense.get(k)}
+        if self.dense.get('size') and self.slim.get('sparse_size'): r['sparse_size'] = self.dense['size'] / self.slim['sparse_size']
         if self.dense.get('accuracy') is not None and self.slim.get('accuracy') is not None:
             r['accuracy_points'] = 100 * (self.slim['accuracy'] - self.dense['accuracy'])
         return r
 
     def rows(self):
+        "(label, dense, slim, dense/slim) per measurement; the sparse rows only where the slim model has zeroed weights"
         r = self.ratios()
+        sparse = (self.slim.get('sparsity') or 0) > 0.01
         return [(_labels[k], _fmt(k, self.dense.get(k)), _fmt(k, self.slim.get(k)),
-                 f"{r['accuracy_points']:+.2f} pts" if k == 'accuracy' and 'accuracy_points' in r else f'{r[k]:.2f}x' if k in r else '-')
-                for k in _labels]
+                 f"{r['accuracy_points']:+.2f} pts" if k == 'accuracy' and 'accuracy_points' in r else '-' if k == 'sparsity'
+                 else f'{r[k]:.2f}x' if k in r else '-')
+                for k in _labels if sparse or k not in _sparse_rows]
 
     def __repr__(self):
         w = [18, 14, 14, 12]

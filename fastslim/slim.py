@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/slim.html.md"""
 
 # %% ../nbs/70_slim.ipynb #a1c4978b
 from __future__ import annotations
-import copy, json
+import copy, json, os, pickle, warnings, contextlib
 from pathlib import Path
 import torch
 from torch import nn
@@ -16,10 +16,12 @@ from .core import *
 from .plan import SlimPlan, MaskCallback, plan_of, save_slim
 from .prune import PruneCallback, recalibrate_bn
 from .distill import DistillCallback
+from .distill import DistillCallback as _distill_cb   # checks the options up front
 from .report import SlimReport, measure, conv_widths
+from .sparsity import bn_scales
 
 # %% auto #0
-__all__ = ['METHODS', 'accuracy_of', 'effective_macs']
+__all__ = ['METHODS', 'accuracy_of', 'effective_macs', 'SlimRun', 'SlimGuardError']
 
 # %% ../nbs/70_slim.ipynb #da22227d
 METHODS = {
@@ -46,14 +48,13 @@ def accuracy_of(learn:Learner, model:nn.Module=None):
     dev = model_device(model)
     correct = total = 0
     with torch.no_grad(), eval_mode(model):
-        for xb, yb in learn.dls.valid:
-            p = model(xb.to(dev)).argmax(-1)
+        for b in learn.dls.valid:
+            xs, (yb, *_) = split_batch(b, getattr(learn.dls, 'n_inp', None))
+            p = model(*(o.to(dev) for o in xs)).argmax(-1)
             correct += int((p == yb.to(dev)).sum()); total += len(yb)
     return correct / max(total, 1)
 
-def _example(learn):
-    dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
-    return dl.one_batch()[0][:2]
+def _example(learn): return example_batch(learn.dls)
 
 # %% ../nbs/70_slim.ipynb #aa398d48
 class _Stages:
@@ -69,11 +70,15 @@ class _Stages:
         self.path.mkdir(parents=True, exist_ok=True)
         self.settings = settings
 
-    def finish(self, stage, model, **record):
-        self.records.append(dict(stage=stage, **record)); self.done.append(stage)
+    def finish(self, stage, model, record:bool=True, **measured):
+        "Mark `stage` done (its row in the stage table unless not `record`) and checkpoint `model`"
+        if record: self.records.append(dict(stage=stage, **measured))
+        self.done.append(stage)
         if self.path is None: return
         save_slim(model, self.path/f'{stage}.pt')
-        (self.path/'progress.json').write_text(json.dumps(dict(settings=self.settings, records=self.records, done=self.done), indent=1))
+        tmp = self.path/'progress.json.tmp'   # written whole, then renamed: an interrupt never leaves half a file
+        tmp.write_text(json.dumps(dict(settings=self.settings, records=self.records, done=self.done), indent=1))
+        tmp.replace(self.path/'progress.json')
 
     def load(self, stage, model):
         "Load the checkpoint of `stage` into `model` (masks included) and return it"
@@ -91,6 +96,20 @@ def _sparsity_cb(kind, reg, n_steps):
     if kind == 'groups': return SparsityCallback(target='groups', **kw)
     return BlockSparsityCallback(**kw)
 
+def _jsonable(v):
+    "`v` if JSON can hold it, else its `repr` (a criterion object, a schedule): what the resume fingerprint compares"
+    try: json.dumps(v); return v
+    except (TypeError, ValueError): return repr(v)
+
+def _check_options(method, spec, ratio, target_macs, schedule, distill, kwargs, dkw):
+    "Build the stage callbacks once, unused, so every option is checked before any weight changes"
+    if method == 'sss': return
+    gran = 'weight' if method == 'magnitude' else 'channel'
+    PruneCallback(ratio=ratio, target_macs=target_macs, criterion=spec['criterion'], granularity=gran, schedule=schedule,
+                  end=0.5 if schedule != 'one-shot' else 1., **kwargs)
+    if distill: _distill_cb(None, **dkw)
+    elif dkw: raise ValueError(f"{sorted(dkw)} configure distillation, but `distill` is False")
+
 # %% ../nbs/70_slim.ipynb #bcfa545a
 @patch
 def slim(self:Learner,
@@ -107,6 +126,8 @@ def slim(self:Learner,
          path=None, # folder for stage checkpoints; with `resume`, start after the last finished stage
          resume:bool=False, # continue the run saved in `path`
          measure_speed:bool=True, # measure CPU latency for the report
+         tolerance:float=0.02, # accuracy the sparsity stage may lose against dense (a fraction) before `learn.slim` warns
+         strict:bool=False, # stop before pruning (dense and sparse checkpoints kept) when the sparsity stage loses more than `tolerance`
          **kwargs, # passed to `PruneCallback` (e.g. `min_keep`, criterion options) or `DistillCallback` (`T`, `alpha`)
         ) -> SlimReport:
     "Slim `self.model` in three stages (sparsity, pruning, distillation fine-tuning) and report dense against slim"
@@ -119,64 +140,127 @@ def slim(self:Learner,
         raise ValueError(f"method {method!r} removes {'weights' if method == 'magnitude' else 'blocks'}: give `ratio`, not `target_macs`")
     sparse_epochs = (4 if 'sparsity' in spec else 0) if sparse_epochs is None else sparse_epochs
     for v, n in ((sparse_epochs, 'sparse_epochs'), (prune_epochs, 'prune_epochs'), (finetune_epochs, 'finetune_epochs')): _check_epochs(v, n)
+    lr = check_positive(lr, 'lr')
+    for v, n in ((distill, 'distill'), (resume, 'resume'), (measure_speed, 'measure_speed'), (strict, 'strict')): check_bool(v, n)
+    tolerance = check_ratio(tolerance, 'tolerance')
+    if reg is not None:
+        from fastslim.sparsity import check_reg
+        reg = check_reg(reg)
     if resume and path is None: raise ValueError("`resume` needs the `path` of the run's checkpoints")
-    dkw = {k: kwargs.pop(k) for k in ('T', 'alpha', 'loss', 'features') if k in kwargs}
+    dkw = {k: kwargs.pop(k) for k in ('T', 'alpha', 'loss', 'features', 'feature_loss') if k in kwargs}
     kwargs.setdefault('min_keep', 0.1)   # a global threshold never leaves a layer thinner than 10% of its width
+    _check_options(method, spec, ratio, target_macs, schedule, distill, kwargs, dkw)
     settings = dict(method=method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
-                    finetune_epochs=finetune_epochs, distill=distill, lr=lr, reg=reg, schedule=str(schedule))
+                    finetune_epochs=finetune_epochs, distill=distill, lr=lr, reg=reg, schedule=_jsonable(schedule),
+                    tolerance=tolerance, options={k: _jsonable(v) for k, v in {**kwargs, **dkw}.items()})
     st = _Stages(path, resume, settings)
-    x = _example(self)
-    return _run(self, spec, method, ratio, target_macs, sparse_epochs, prune_epochs, finetune_epochs, distill, lr, reg,
-                schedule, st, x, measure_speed, kwargs, dkw, settings)
+    run = SlimRun(self, spec, settings, st, kwargs, dkw, measure_speed, strict)
+    dense_model = self.model
+    try: return run()
+    except BaseException:   # an error or Ctrl-C mid-run: the learner gets back the network it came with, unchanged
+        self.model = run.dense if run.dense is not None else dense_model
+        self.create_opt()
+        raise
 
 # %% ../nbs/70_slim.ipynb #af21d811
 def effective_macs(model:nn.Module, x):
     "MACs of `model` as deployed: a masked model is counted in its compacted form"
     plan = plan_of(model)
     if plan is not None and plan.history(): model = plan.compact()
-    return count_macs(model, x[:1].to(model_device(model)))
+    return count_macs(model, tuple(o[:1].to(model_device(model)) for o in as_inputs(x)))
 
-def _record(learn, stage, model=None, x=None):
-    model = model or learn.model
-    return dict(accuracy=accuracy_of(learn, model), macs=effective_macs(model, x))
+def _interactive():
+    "True in a notebook or a terminal: where fastprogress's bars redraw instead of filling a log"
+    import sys
+    from fastprogress.fastprogress import IN_NOTEBOOK
+    return IN_NOTEBOOK or sys.stdout.isatty()
 
-def _fit(learn, n, lr, cbs):
-    if n: learn.fit_one_cycle(n, lr, cbs=cbs)
+class SlimRun:
+    "One `learn.slim` run: the three stages, each a short method, with the records and checkpoints of `st`"
+    def __init__(self, learn, spec, settings, st, prune_kw, distill_kw, measure_speed, strict):
+        store_attr()
+        self.x, self.dense, self.used = example_batch(learn.dls), None, {}
 
-def _run(learn, spec, method, ratio, target_macs, sparse_epochs, prune_epochs, finetune_epochs, distill, lr, reg,
-         schedule, st, x, measure_speed, kwargs, dkw, settings):
-    from fastslim.sparsity import bn_scales
-    dense = copy.deepcopy(learn.model)
-    gammas_before = bn_scales(dense)
-    # stage 1: sparsity training
-    if 'sparse' not in st.done:
-        if not st.done: st.records.append(dict(stage='dense', **_record(learn, 'dense', x=x)))
-        if sparse_epochs: _fit(learn, sparse_epochs, lr, [_sparsity_cb(spec['sparsity'], reg, sparse_epochs * len(learn.dls.train))])
-        st.finish('sparse', learn.model, **_record(learn, 'sparse', x=x))
-    elif 'prune' not in st.done: st.load('sparse', learn.model)
-    gammas_after = bn_scales(learn.model)
-    # the teacher of stage 3: the network as the user trained it (sparsity training costs it some accuracy)
-    teacher = copy.deepcopy(dense).eval()
-    # stage 2: pruning
-    if method == 'sss': _prune_blocks(learn, ratio, prune_epochs, lr, st, x)
-    elif 'prune' not in st.done: _prune_channels(learn, spec, method, ratio, target_macs, prune_epochs, lr, schedule, st, x, kwargs)
-    else:
-        SlimPlan(learn.model, x); st.load('prune', learn.model)
-    # stage 3: compaction and distillation fine-tuning
-    if 'finetune' not in st.done:
-        _compact(learn, method)
+    def record(self, stage, model=None):
+        "Accuracy and deployed MACs of `model` (default: the learner's) after `stage`"
+        model = model or self.learn.model
+        return dict(accuracy=accuracy_of(self.learn, model), macs=effective_macs(model, self.x))
+
+    def fit(self, label, n, cbs):
+        "`n` epochs of one-cycle training with `cbs`, announced by `label`; one line per epoch outside a terminal or notebook"
+        if not n: return
+        print(f"fastslim: {label} ({n} epoch{'s' if n > 1 else ''})")
+        with (contextlib.nullcontext() if _interactive() else self.learn.no_bar()):
+            self.learn.fit_one_cycle(n, self.settings['lr'], cbs=cbs)
+
+    def __call__(self):
+        learn, st = self.learn, self.st
+        self.dense = copy.deepcopy(learn.model)
+        self.gammas_before = bn_scales(self.dense)
+        self.sparsify()
+        self.gammas_after = bn_scales(learn.model)
+        self.prune()
+        self.finetune()
+        return self.report()
+
+    def sparsify(self):
+        "Stage 1: sparsity training (methods that learn their structure), then the guard against a ruined network"
+        learn, st, s = self.learn, self.st, self.settings
+        if 'sparse' in st.done:
+            if 'prune' not in st.done: st.load('sparse', learn.model)
+            return
+        if not st.done:
+            st.records.append(dict(stage='dense', **self.record('dense')))
+            if st.path: save_slim(self.dense, st.path/'dense.pt')   # kept for `strict`, and to go back to
+        n = s['sparse_epochs']
+        if n:
+            cb = _sparsity_cb(self.spec['sparsity'], s['reg'], n * len(learn.dls.train))
+            self.fit('stage 1/3: sparsity training', n, [cb])
+            self.used['reg'] = getattr(cb, 'reg', None)   # what the report shows as `reg`, not part of the resume fingerprint
+        st.finish('sparse', learn.model, record=bool(n), **self.record('sparse'))
+        if n: self.guard()
+
+    def guard(self):
+        "Warn (or, with `strict`, stop) when sparsity training lost more than `tolerance` against the dense network"
+        dense, sparse = self.st.records[0]['accuracy'], self.st.records[-1]['accuracy']
+        tol = self.settings['tolerance']
+        if dense - sparse <= tol: return
+        msg = (f"sparsity training cost {100*(dense - sparse):.1f} points ({dense:.2%} -> {sparse:.2%}), more than "
+               f"`tolerance`={tol:g}: lower `reg`, raise `lr` less, or give more `sparse_epochs`")
+        if self.strict: raise SlimGuardError(msg + (f"; checkpoints in {self.st.path}" if self.st.path else ''))
+        warnings.warn(f"learn.slim: {msg}")
+
+    def prune(self):
+        "Stage 2: select and mask what the method removes, with BatchNorm statistics re-estimated"
+        learn, st = self.learn, self.st
+        if self.settings['method'] == 'sss': return _prune_blocks(self)
+        if 'prune' in st.done:
+            if 'finetune' not in st.done: SlimPlan(learn.model, self.x); st.load('prune', learn.model)
+            return
+        _prune_channels(self)
+
+    def finetune(self):
+        "Stage 3: compaction, then fine-tuning with the original network as teacher"
+        learn, st = self.learn, self.st
+        if 'finetune' in st.done:
+            learn.model = _load_final(st, self.dense); learn.create_opt(); return
+        _compact(learn, self.settings['method'])
         plan = plan_of(learn.model)   # unstructured masks stay on the (uncompacted) model: hold them while fine-tuning
-        cbs = ([DistillCallback(teacher, **dkw)] if distill else []) + ([MaskCallback(plan)] if plan is not None else [])
-        _fit(learn, finetune_epochs, lr, cbs)
-        st.finish('finetune', learn.model, **_record(learn, 'finetune', x=x))
-    else:
-        learn.model = _load_final(st, dense); learn.create_opt()
-    slim = learn.model
-    kw = dict(n=10 if measure_speed else 1)
-    report = SlimReport(measure(dense, x, st.records[0]['accuracy'], **kw), measure(slim, x, st.records[-1]['accuracy'], **kw),
-                        stages=st.records, widths=_widths(dense, slim), gammas_before=gammas_before,
-                        gammas_after=gammas_after, settings=settings)
-    return report
+        teacher = copy.deepcopy(self.dense).eval()   # the network as the user trained it
+        cbs = ([DistillCallback(teacher, **self.distill_kw)] if self.settings['distill'] else []) + ([MaskCallback(plan)] if plan is not None else [])
+        self.fit('stage 3/3: fine-tuning' + (' with distillation' if self.settings['distill'] else ''), self.settings['finetune_epochs'], cbs)
+        st.finish('finetune', learn.model, **self.record('finetune'))
+
+    def report(self):
+        "Dense against slim, with every stage's record"
+        st, slim = self.st, self.learn.model
+        kw = dict(n=10 if self.measure_speed else 1)
+        return SlimReport(measure(self.dense, self.x, st.records[0]['accuracy'], **kw), measure(slim, self.x, st.records[-1]['accuracy'], **kw),
+                          stages=st.records, widths=_widths(self.dense, slim), gammas_before=self.gammas_before,
+                          gammas_after=self.gammas_after, settings={**self.settings, **self.used})
+
+class SlimGuardError(RuntimeError):
+    "`learn.slim(strict=True)` stopped before pruning: the sparsity stage lost more accuracy than allowed"
 
 def _load_final(st, dense):
     "The fine-tuned model of a finished run, rebuilt from the dense architecture"
@@ -188,28 +272,30 @@ def _widths(dense, slim):
     return {k: (s[k], d[k]) for k in d if k in s}
 
 # %% ../nbs/70_slim.ipynb #33bc000e
-def _prune_channels(learn, spec, method, ratio, target_macs, prune_epochs, lr, schedule, st, x, kwargs):
+def _prune_channels(run):
+    learn, st, s = run.learn, run.st, run.settings
+    method, schedule = s['method'], s['schedule']
     gran = 'weight' if method == 'magnitude' else 'channel'
-    cb = PruneCallback(ratio=ratio, target_macs=target_macs, criterion=spec['criterion'], granularity=gran,
-                       schedule=schedule, start=0., end=0.5 if schedule != 'one-shot' else 1., **kwargs)
+    cb = PruneCallback(ratio=s['ratio'], target_macs=s['target_macs'], criterion=run.spec['criterion'], granularity=gran,
+                       schedule=schedule, start=0., end=0.5 if schedule != 'one-shot' else 1., **run.prune_kw)
     if cb.soft or schedule != 'one-shot':
-        _fit(learn, max(prune_epochs, 1), lr, [cb])
-        st.finish('prune', learn.model, **_record(learn, 'prune', x=x))
+        run.fit('stage 2/3: pruning during training', max(s['prune_epochs'], 1), [cb])
+        st.finish('prune', learn.model, **run.record('prune'))
         return
     cb.prune_now(learn)
     recalibrate_bn(learn.model, learn.dls.train)
-    st.records.append(dict(stage='pruned (BN stats only)', **_record(learn, 'pruned', x=x)))
-    _fit(learn, prune_epochs, lr, [MaskCallback(cb.plan)])
-    st.finish('prune', learn.model, **_record(learn, 'prune', x=x))
+    st.records.append(dict(stage='pruned (BN stats only)', **run.record('pruned')))
+    run.fit('stage 2/3: training with the masks held', s['prune_epochs'], [MaskCallback(cb.plan)])
+    st.finish('prune', learn.model, **run.record('prune'))
 
-def _prune_blocks(learn, ratio, prune_epochs, lr, st, x):
+def _prune_blocks(run):
     from fastslim.criteria import get_criterion
-    from fastslim.sparsity import remove_dead_blocks
+    learn, st = run.learn, run.st
     if 'prune' in st.done: return
-    get_criterion('sss').prune(learn.model, ratio=ratio)
+    get_criterion('sss').prune(learn.model, ratio=run.settings['ratio'])
     recalibrate_bn(learn.model, learn.dls.train)
-    st.records.append(dict(stage='pruned (BN stats only)', **_record(learn, 'pruned', x=x)))
-    st.finish('prune', learn.model, **_record(learn, 'prune', x=x))
+    st.records.append(dict(stage='pruned (BN stats only)', **run.record('pruned')))
+    st.finish('prune', learn.model, **run.record('prune'))
 
 def _compact(learn, method):
     "Replace the learner's model by its compacted form and rebuild the optimizer"
@@ -218,3 +304,21 @@ def _compact(learn, method):
         learn.model = remove_dead_blocks(learn.model); learn.create_opt(); return
     plan = plan_of(learn.model)
     if plan is not None and method != 'magnitude': learn.compact(plan)
+
+# %% ../nbs/70_slim.ipynb #e7a0c1d2
+_fastai_export = getattr(Learner, '_fastai_export', Learner.export)
+Learner._fastai_export = _fastai_export
+
+@patch
+def export(self:Learner, fname='export.pkl', pickle_module=pickle, pickle_protocol=2):
+    "fastai's `Learner.export`, written to a temporary name and renamed; a failure leaves the learner and any old file as they were"
+    target = Path(self.path)/fname
+    tmp = target.with_name(f'.{target.name}.tmp')
+    dls, opt = self.dls, self.opt
+    try:
+        _fastai_export(self, tmp.absolute(), pickle_module=pickle_module, pickle_protocol=pickle_protocol)
+        os.replace(tmp, target)
+    except BaseException:
+        self.dls, self.opt = dls, opt
+        tmp.unlink(missing_ok=True)
+        raise

@@ -80,6 +80,8 @@ def test_top_level_help(capsys):
     ['--data', 'nope'], ['--data', 'nope.npz'], ['--arch', 'nope_net'], ['--method', 'nope'],
     ['--target-macs', '0'], ['--target-macs', '1'], ['--target-macs', '1.5'], ['--target-macs', '-0.1'],
     ['--ratio', '0.5', '--target-macs', '0.5'], ['--ratio', '1.0'],
+    ['--bs', '0'], ['--size', '0'], ['--lr', '-1'], ['--lr', 'nan'], ['--reg', '-1'], ['--dense-epochs', '-1'],
+    ['--finetune-epochs', '-2'],
 ])
 def test_bad_input(args, tmp_path, capsys):
     out = tmp_path/'out'

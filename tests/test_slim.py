@@ -126,6 +126,17 @@ def test_resume_with_other_settings(tmp_path):
     (dict(method='slimming', target_macs=0.5, prune_epochs=-1), 'prune_epochs'),
     (dict(method='slimming', target_macs=0.5, finetune_epochs=1.5), 'finetune_epochs'),
     (dict(method='slimming', target_macs=0.5, resume=True), 'path'),
+    (dict(method='l1', target_macs=0.5, T=0), '`T`'),
+    (dict(method='l1', ratio=0.5, scope='locall'), '`scope`'),
+    (dict(method='slimming', target_macs=0.5, lr=-1), '`lr`'),
+    (dict(method='slimming', target_macs=0.5, lr=0), '`lr`'),
+    (dict(method='slimming', target_macs=0.5, lr=float('nan')), '`lr`'),
+    (dict(method='slimming', target_macs=0.5, distill='no'), '`distill`'),
+    (dict(method='slimming', target_macs=0.5, alpha=2), '`alpha`'),
+    (dict(method='slimming', target_macs=0.5, reg=-1), '`reg`'),
+    (dict(method='l1', target_macs=0.5, min_keep=-1), '`min_keep`'),
+    (dict(method='l1', target_macs=0.5, distill=False, T=2), 'distill'),
+    (dict(method='slimming', target_macs=0.5, tolerance=1.5), '`tolerance`'),
 ])
 def test_bad_input(kwargs, match, monkeypatch):
     learn = _dense(0, 0, cfg=[8, 'M', 16])
@@ -144,3 +155,26 @@ def test_teacher_is_the_original_network(monkeypatch):
     monkeypatch.setattr(S, 'DistillCallback', Spy)
     _slim(learn, 'slimming', target_macs=0.5, sparse_epochs=1, prune_epochs=1, finetune_epochs=1)
     assert len(seen) == 1 and _same(seen[0], original)
+
+def test_interrupt_gives_back_the_dense_network(monkeypatch):
+    "Ctrl-C in the last stage leaves `learn.model` as the user's dense network, so a second `learn.slim` starts from it"
+    import fastslim.slim as S
+    learn = _dense(0, 1, cfg=[16, 'M', 32, 'M', 64])
+    sd, macs = _state(learn.model), None
+    def die(self): raise KeyboardInterrupt
+    monkeypatch.setattr(S.SlimRun, 'finetune', die)
+    with pytest.raises(KeyboardInterrupt): _slim(learn, 'l1', target_macs=0.5, prune_epochs=0, finetune_epochs=1)
+    assert _same(sd, _state(learn.model)) and fastslim.plan.plan_of(learn.model) is None
+    monkeypatch.undo()
+    r = _slim(learn, 'l1', target_macs=0.5, prune_epochs=0, finetune_epochs=1)
+    assert r.stages[0]['macs'] == r.dense['macs'] and r.slim['macs'] < 0.6 * r.dense['macs']   # dense is really dense
+
+def test_sparsity_guard_warns_and_strict_stops(tmp_path):
+    "A sparsity stage that ruins the network warns with the numbers; with `strict` it stops before pruning, checkpoints kept"
+    learn = _dense(0, 2, cfg=[16, 'M', 32, 'M', 64])
+    sd = _state(learn.model)
+    kw = dict(target_macs=0.5, sparse_epochs=1, prune_epochs=0, finetune_epochs=0, reg=50.)   # far too strong
+    with pytest.warns(UserWarning, match='sparsity training cost'): _slim(copy.deepcopy(learn), 'slimming', **kw)
+    with pytest.raises(fastslim.slim.SlimGuardError, match='points'): _slim(learn, 'slimming', strict=True, path=tmp_path, **kw)
+    assert (tmp_path/'dense.pt').exists() and (tmp_path/'sparse.pt').exists() and not (tmp_path/'prune.pt').exists()
+    assert _same(sd, _state(learn.model))
