@@ -25,7 +25,8 @@ import timm.models.resnet as timm_resnet
 # %% auto #0
 __all__ = ['check_reg', 'as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback',
            'SparsityCallback', 'plot_bn_scales', 'BranchScale', 'ShortcutBlock', 'register_block', 'last_leaf',
-           'residual_blocks', 'add_branch_scales', 'branch_scales', 'remove_dead_blocks', 'BlockSparsityCallback']
+           'residual_blocks', 'add_branch_scales', 'branch_scales', 'remove_dead_blocks', 'BlockSparsityCallback',
+           'sparsity_callback']
 
 # %% ../nbs/20_sparsity.ipynb #5d993b40
 def check_reg(value, name='reg'):
@@ -108,6 +109,37 @@ def zeroed_bn_accuracy(learn:Learner, # a trained learner; its first metric is r
             for b, w, c in saved: b.weight.copy_(w); b.bias.copy_(c)
 
 # %% ../nbs/20_sparsity.ipynb #5d30e32a
+def _lr_forecast(learn):
+    "A function of `pct_train` giving the learning-rate shape of the running fit (the `ParamScheduler`'s, else constant)"
+    from fastai.callback.schedule import ParamScheduler
+    for cb in learn.cbs:
+        if isinstance(cb, ParamScheduler) and 'lr' in cb.scheds:
+            f = cb.scheds['lr']
+            return lambda p: float(np.max(f(min(max(p, 0.), 1. - 1e-9))))
+    lr = float(learn.opt.hypers[-1]['lr'])
+    return lambda p: lr
+
+class _Steer:
+    "Multiplicative controller of a strength: the largest magnitude `h` of the targeted values follows a schedule to 0"
+    def __init__(self, cb, h0, settle):
+        n = cb.learn.n_epoch * len(cb.learn.dls.train)
+        f, s = _lr_forecast(cb.learn), cb.schedule
+        self.p0, self.p1 = cb.learn.pct_train, s.start + (1 - settle) * (s.end - s.start)
+        ps = np.arange(round(self.p0 * n), max(round(self.p1 * n), round(self.p0 * n) + 1)) / n
+        lrs = np.array([f(p) * s(p) for p in ps])       # the shrinkage each step of the stage gets per unit `reg`
+        self.ps, self.cum = ps, np.cumsum(lrs) / max(lrs.sum(), 1e-12)
+        self.scale = float(cb.opt.hypers[-1]['lr']) / max(f(cb.learn.pct_train), 1e-12)  # forecast shape -> real lr
+        self.h0, self.c = max(float(h0), 1e-6), 1.
+        self.nominal = self.h0 / max(lrs.sum() * self.scale, 1e-12)  # reg that empties the targets with no push-back
+    def goal(self, p):
+        "Where the targets' largest magnitude should be at `p`: the share of the stage's shrinkage still to come"
+        return self.h0 * (1 - float(np.interp(p, self.ps, self.cum))) if p < self.p1 else 0.
+    def update(self, h, p):
+        "Raise the strength when `h` lags behind the goal, lower it when ahead; returns the new strength"
+        err = (float(h) - self.goal(p)) / self.h0
+        self.c = float(np.clip(self.c * math.exp(float(np.clip(2 * err, -0.2, 0.2))), 0.05, 1e4))
+        return self.c * self.nominal
+
 class PenaltyCallback(Callback):
     "Base of fastslim's sparsity callbacks: a scheduled strength, and a penalty and near-zero share shown in fastai's table"
     order = MixedPrecision.order + 0.5  # after MixedPrecision unscales gradients (10), before GradientClip (11)
@@ -135,32 +167,69 @@ class PenaltyCallback(Callback):
         self._setup()  # checks and collects; raises before any weight changes
         self._mets = L(ValueMetric(self._penalty, f'{self.col}_penalty'), ValueMetric(self.near_zero, f'{self.col}_near0'))
         self.learn.metrics = self._drop_mets(self.learn.metrics) + self._mets
-        self.n_steps, self._pen, self._n = 0, 0., 0
-    def before_train(self): self._pen, self._n = 0., 0
+        self.n_steps, self._pen, self._n, self._stepped, self.lr_sum, self._trained = 0, 0., 0, False, 0., False
+    def _fit_setup(self): pass
+    def before_train(self):
+        "The first training epoch of a fit sets up what needs training (a `validate` also runs `before_fit`)"
+        if not self._trained: self._fit_setup()
+        self._pen, self._n, self._trained = 0., 0, True
+    def before_batch(self): self._stepped = False
+    def after_cancel_step(self): self._stepped = False   # a step skipped (fp16 overflow) or cancelled: nothing to follow
     def _record(self, pen): self._pen, self._n, self.n_steps = self._pen + pen, self._n + 1, self.n_steps + 1
     def _penalty(self): return float(self._pen) / self._n if self._n else 0.
     def _drop_mets(self, mets): return L(m for m in mets if not any(m is o for o in getattr(self, '_mets', [])))
     def after_fit(self): self.learn.metrics = self._drop_mets(self.learn.metrics)
 
+def _check_budget(ratio, target_macs):
+    "`ratio` and `target_macs` checked: at most one, with `PruneCallback`'s ranges"
+    from fastslim.core import check_open_fraction
+    if ratio is not None and target_macs is not None: raise ValueError("give at most one of `ratio` and `target_macs`")
+    return (None if ratio is None else check_ratio(ratio, 'ratio'),
+            None if target_macs is None else check_open_fraction(target_macs, 'target_macs'))
+
+def _check_settle(v):
+    try: f = float(v)
+    except (TypeError, ValueError): f = float('nan')
+    if not (0 <= f < 1): raise ValueError(f"`settle` must lie in [0, 1), got {v!r}")
+    return f
+
 # %% ../nbs/20_sparsity.ipynb #f5be572e
 class SparsityCallback(PenaltyCallback):
     "Network Slimming's L1 penalty on BatchNorm scales (`target='bn'`), or group lasso over a plan's channel groups"
     def __init__(self,
-        reg:float=1e-4,         # Strength; the paper's 1e-4 (VGG) / 1e-5 (ResNet) suit only long SGD runs, see above
+        reg:float=None,         # Fixed strength; None: steered to the budget (`ratio`/`target_macs`), else the paper's 1e-4
         target:str='bn',        # 'bn': L1 on BatchNorm scales; 'groups': group lasso over the plan's channel groups
         layers=None,            # Module names or types whose BatchNorm layers to penalise ('bn'), or group names ('groups')
         schedule=None,          # A `Schedule` (class or instance) scaling `reg` over training; default `Constant`
         start:float=0.,         # Fraction of training where the penalty starts
         end:float=1.,           # Fraction of training where it ends
         plan=None,              # The `SlimPlan` whose groups `target='groups'` penalises
+        mode:str='prox',        # 'prox': soft-threshold after the optimizer step (any optimizer); 'grad': add reg*sign to the gradient (the paper)
+        ratio:float=None,       # Budget: share of channels the pruning will remove, in [0, 1) (as `PruneCallback`)
+        target_macs:float=None, # Budget instead of `ratio`: MACs after pruning as a fraction of the dense MACs, in (0, 1)
+        min_keep:int|float=0.1, # With a budget: the pruning's floor per group (`learn.slim` uses 0.1)
+        settle:float=0.25,      # With a budget: last fraction of the stage in which the removed channels stay at zero
+        every:int=10,           # With a budget: optimizer steps between re-rankings of the channels to remove
     ):
-        super().__init__(reg, schedule, start, end)
+        self.schedule = as_schedule(schedule, start, end)
         self.target = check_choice(target, {'bn', 'groups'}, 'target')
+        self.mode = check_choice(mode, {'prox', 'grad'}, 'mode')
+        self.ratio, self.target_macs = _check_budget(ratio, target_macs)
+        self.budget = self.ratio is not None or self.target_macs is not None
+        self.reg = check_reg(reg) if reg is not None else None if self.budget else 1e-4
+        self.settle = _check_settle(settle)
+        if not (isinstance(every, int) and every >= 1): raise ValueError(f"`every` must be an int >= 1, got {every!r}")
         if plan is not None and target != 'groups': raise ValueError("`plan` is only used with `target`='groups'")
-        store_attr('layers,plan')
+        store_attr('layers,plan,min_keep,every')
 
     @property
     def col(self): return self.target
+    @property
+    def steered(self): return self.reg is None
+
+    def strength(self):
+        "The current strength (fixed `reg`, or the steered one) times the schedule's value at this point of training"
+        return ((self.cur_reg or 0.) if self.steered else self.reg) * self.schedule(self.learn.pct_train)
 
     def _setup(self):
         if self.target == 'bn':
@@ -172,11 +241,18 @@ class SparsityCallback(PenaltyCallback):
         else:
             self.groups = self._plan_groups()
             self.params = [p for p in self.model.parameters() if p.requires_grad]
+        pls = getattr(self.opt, 'param_lists', None) or [g['params'] for g in getattr(self.opt, 'param_groups', [])]
+        self._group_of = {id(p): i for i, pl in enumerate(pls) for p in pl}
+
+    def _fit_setup(self):
+        self.masks, self.cur_reg, self._steer, self.holding = None, self.reg, None, False
+        if self.budget: self._budget_setup()
 
     def _plan_groups(self):
         from fastslim.plan import SlimPlan, plan_of
         plan = self.plan or plan_of(self.model) or SlimPlan(self.model, self._example())
         if plan.model is not self.model: raise ValueError("`plan` was built on another model than the learner's")
+        self.plan = plan
         groups, names = plan.groups, [g.name for g in plan.groups]
         if self.layers is not None:
             want = list(self.layers) if isinstance(self.layers, (list, tuple, set, L)) else [self.layers]
@@ -191,6 +267,51 @@ class SparsityCallback(PenaltyCallback):
         xs = dl.one_batch()[:getattr(self.dls, 'n_inp', 1)]
         return tuple(x[:2] for x in xs)
 
+    def _budget_setup(self):
+        "The plan that ranks the channels as the pruning will: the model's own for 'groups', a shadow copy's for 'bn'"
+        from fastslim.plan import SlimPlan, plan_of, _bn_members
+        if self.target == 'groups': self._rank_plan, self._names = self.plan, None
+        else:
+            shadow = deepcopy(self.model)
+            self._rank_plan = plan_of(shadow) or SlimPlan(shadow, self._example())
+            names = {id(m): n for n, m in shadow.named_modules()}
+            self._names = {g.name: [(names[id(b)], i) for b, i in _bn_members(g)] for g in self._rank_plan.groups}
+            self._bn_names = {id(m): n for n, m in self.bns.items()}
+        self._rerank()
+        if self.target == 'bn' and not any(bool(m.any()) for m in self.masks.values()):
+            raise ValueError(f"the budget ({'ratio' if self.ratio is not None else 'target_macs'}) removes no BatchNorm "
+                             f"channel of the penalised layers: nothing to steer")
+
+    def _rerank(self):
+        "Which channels the budget removes under the current ranking: `self.masks` {param id: bool mask}"
+        plan = self._rank_plan
+        if self.target == 'bn':
+            mods = dict(self.model.named_modules())
+            with torch.no_grad():
+                for n, b in bn_layers(plan.model).items(): b.weight.copy_(mods[n].weight.detach())
+            scores = plan.bn_scores()
+        else:
+            want = {g.name for g in self.groups}
+            scores = {k: v for k, v in plan.magnitude_scores(p=2, layers='all').items() if k in want}
+        saved = [g.keep.clone() for g in plan.groups]
+        kw = dict(ratio=self.ratio) if self.ratio is not None else dict(target_macs=self.target_macs)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                plan.select(scores, min_keep=self.min_keep, verify=False, **kw)
+            removed = {g.name: (~g.keep).cpu() for g in plan.groups}
+        finally:
+            for g, k in zip(plan.groups, saved): g.keep.copy_(k)
+        if self.target == 'groups': self.masks = {g.name: removed[g.name].to(g.keep.device) for g in self.groups}
+        else:
+            self.masks = {id(p): torch.zeros_like(p, dtype=torch.bool) for p in self.params}
+            for gname, mem in self._names.items():
+                r = removed.get(gname)
+                if r is None or not r.any(): continue
+                for bname, idx in mem:
+                    b = self.bns.get(bname)
+                    if b is not None: self.masks[id(b.weight)][idx[r].to(b.weight.device)] = True
+
     def group_norms(self):
         "L2 norm of the weights coupled to each channel of the penalised groups (differentiable)"
         return torch.cat([g.channel_sq_norms().clamp_min(1e-24).sqrt() for g in self.groups])
@@ -199,29 +320,117 @@ class SparsityCallback(PenaltyCallback):
         if self.target == 'bn': return torch.cat([p.detach().abs().flatten() for p in self.params])
         with torch.no_grad(): return self.group_norms()
 
+    def _mask_of(self, key, like):
+        "Float weights of the penalty on `like`'s entries: 1 where penalised (all, without a budget)"
+        return torch.ones_like(like) if self.masks is None else self.masks[key].to(like.dtype)
+
+    def targeted(self):
+        "Magnitudes of the values the penalty acts on (those the budget removes, or all), as a 1-d tensor"
+        if self.masks is None: return self.scales()
+        if self.target == 'bn': return torch.cat([p.detach().abs()[self.masks[id(p)]] for p in self.params])
+        with torch.no_grad():
+            return torch.cat([g.channel_sq_norms().clamp_min(0).sqrt()[self.masks[g.name]] for g in self.groups])
+
+    def _lr(self, p):
+        "The learning rate the schedule set for `p`'s parameter group at this step (None: not in the optimizer)"
+        i = self._group_of.get(id(p))
+        return None if i is None else float(self.opt.hypers[i]['lr'])
+
+    def _steer_step(self):
+        "Re-rank every `every` steps and move the steered strength towards the budget's trajectory"
+        if not self.steered: return
+        p = self.learn.pct_train
+        self.holding = self._steer is not None and p >= self._steer.p1
+        if self.n_steps % self.every == 0 and self.n_steps > 0 and not self.holding: self._rerank()
+        if self.schedule(p) == 0: return
+        h = self.targeted()
+        h = float(h.max()) if h.numel() else 0.
+        if self._steer is None: self._steer = _Steer(self, h, self.settle)
+        self.cur_reg = self._steer.update(h, p)
+
     def before_step(self):
+        self._stepped = True
+        if self.budget: self._steer_step()
+        if self.mode == 'prox': return
         w = self.strength()
         if self.target == 'bn':
             with torch.no_grad():
                 if w:
                     for p in self.params:
-                        if p.grad is not None: p.grad.add_(torch.sign(p), alpha=w)
-                self._record(w * sum(p.abs().sum() for p in self.params))
+                        if p.grad is not None: p.grad.add_(torch.sign(p) * self._mask_of(id(p), p), alpha=w)
+                self._record(w * sum((p.abs() * self._mask_of(id(p), p)).sum() for p in self.params))
             return
         if not w: return self._record(0.)
         with torch.enable_grad():
-            pen = self.group_norms().sum()
+            pen = self._group_pen()
             grads = torch.autograd.grad(pen, self.params, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(self.params, grads):
                 if g is not None and p.grad is not None: p.grad.add_(g.to(p.grad.dtype), alpha=w)
         self._record(w * pen.detach())
 
+    def _group_pen(self):
+        n = self.group_norms()
+        return n.sum() if self.masks is None else (n * torch.cat([self.masks[g.name] for g in self.groups]).to(n.dtype)).sum()
+
+    def after_step(self):
+        "Proximal mode: soft-threshold the penalised values by lr * strength, once per real optimizer step"
+        if self.mode != 'prox' or not self._stepped: return
+        self._stepped = False
+        w = self.strength()
+        with torch.no_grad():
+            if self.target == 'bn':
+                lr = None
+                for p, b in zip(self.params, self.bns.values()):
+                    lr = self._lr(p)
+                    if lr is None or not p.requires_grad or not w: continue
+                    t = lr * w * self._mask_of(id(p), p)
+                    if self.holding: t = torch.where(self.masks[id(p)], torch.inf, t)   # settling: removed channels held at 0
+                    p.copy_(p.sign() * (p.abs() - t).clamp_min(0))
+                    if self.masks is not None and b.bias is not None:   # a removed channel's beta too: pruning it changes nothing
+                        b.bias.copy_(b.bias.sign() * (b.bias.abs() - t).clamp_min(0))
+                self.lr_sum += (lr or 0.) * self.schedule(self.learn.pct_train)
+                return self._record(w * sum((p.abs() * self._mask_of(id(p), p)).sum() for p in self.params))
+            lr = self._lr(self.groups[0].root.weight) if self.groups else None
+            if lr is None or not w: return self._record(0.)
+            self.lr_sum += lr * self.schedule(self.learn.pct_train)
+            for g in self.groups: self._group_prox(g, lr * w)
+            self._record(w * self._group_pen())
+
+    def _group_prox(self, g, t):
+        "Group soft-threshold: every weight coupled to channel c is scaled by max(1 - t/||w_c||, 0)"
+        n = g.channel_sq_norms().clamp_min(0).sqrt()
+        m = self._mask_of(g.name, n)
+        f = torch.where(n > 0, (1 - t * m / n.clamp_min(1e-30)).clamp_min(0), torch.ones_like(n))
+        if self.holding: f = torch.where(m > 0, 0., f)   # settling: removed channels held at 0
+        for p, dim, (rows, root) in g._slices():
+            full = torch.ones(p.shape[dim], device=p.device, dtype=p.dtype)
+            full[rows.to(p.device)] = f[root.to(f.device)].to(p.dtype)
+            p.mul_(full.view([-1 if d == dim else 1 for d in range(p.ndim)]))
+
     def after_fit(self):
         super().after_fit()
-        if self.target == 'bn' and self.reg > 0 and self.n_steps > 0 and self.near_zero() == 0:
-            warnings.warn(f"SparsityCallback: after {self.n_steps} steps no |gamma| is below {self.near:g}: `reg`={self.reg:g} "
-                          f"is too weak for a run this short; try about 25/steps = {25 / self.n_steps:.2g}")
+        if self.n_steps == 0 or not self._trained: return
+        if self.budget:
+            h = self.targeted()
+            share = float((h < self.near).float().mean()) if h.numel() else 1.
+            if share < 0.9:
+                warnings.warn(f"SparsityCallback: the budget's {h.numel()} channels are not all near zero after {self.n_steps} "
+                              f"steps: only {share:.0%} are below {self.near:g} (strength reached {self.cur_reg:.3g}); "
+                              f"train the sparsity stage longer or use a smaller `settle`")
+            return
+        if self.reg > 0 and self.near_zero() == 0:
+            if self.mode == 'grad':
+                warnings.warn(f"SparsityCallback: after {self.n_steps} steps no scale is below {self.near:g} with the gradient "
+                              f"form at `reg`={self.reg:g}; under adaptive optimizers (Adam) its effect barely depends on `reg`: "
+                              f"use `mode`='prox', or give `ratio`/`target_macs` to steer the strength")
+                return
+            s = self.scales()
+            need = float(s.median()) / max(self.lr_sum, 1e-12)
+            sugg = max(2 * need, 4 * self.reg)
+            warnings.warn(f"SparsityCallback: after {self.n_steps} steps no scale is below {self.near:g}: `reg`={self.reg:g} "
+                          f"shrank each by at most {self.reg * self.lr_sum:.3g} (median is {float(s.median()):.3g}); "
+                          f"raise `reg` to about {sugg:.3g}, or give `ratio`/`target_macs` to steer it to the budget")
 
 # %% ../nbs/20_sparsity.ipynb #f3e43c9e
 def plot_bn_scales(learn_or_model, fname=None, layers=None, thresh:float=1e-2, bins:int=50):
@@ -350,20 +559,31 @@ class BlockSparsityCallback(PenaltyCallback):
     "Sparse Structure Selection: a scale on each residual branch, driven to exact zeros by proximal gradient steps"
     col = 'blocks'
     def __init__(self,
-        reg:float=0.1,          # Strength of the L1 penalty on the branch scales (short runs need more, see above)
+        reg:float=None,         # Fixed strength of the L1 penalty; None: steered to the budget (`ratio`/`target_macs`), else 0.1
         blocks=None,            # Names or types of the blocks (or of modules containing them) to scale; default all
         momentum:float=0.9,     # Heavy-ball momentum of the proximal steps, in [0, 1); 0 is plain proximal gradient
         lr:float|None=None,     # Step size for the scales; None follows the learner's current learning rate
         schedule=None,          # A `Schedule` (class or instance) scaling `reg` over training; default `Constant`
         start:float=0.,         # Fraction of training where the penalty starts
         end:float=1.,           # Fraction of training where it ends
+        ratio:float=None,       # Budget: share of the blocks to remove, in [0, 1)
+        target_macs:float=None, # Budget instead of `ratio`: MACs after removing blocks as a fraction of the dense MACs, in (0, 1)
+        settle:float=0.25,      # With a budget: last fraction of the stage in which the removed blocks stay at zero
     ):
-        super().__init__(reg, schedule, start, end)
+        self.ratio, self.target_macs = _check_budget(ratio, target_macs)
+        self.budget = self.ratio is not None or self.target_macs is not None
+        reg = reg if reg is not None else None if self.budget else 0.1
+        self.reg = None if reg is None else check_reg(reg)
+        self.schedule = as_schedule(schedule, start, end)
         try: mom = float(momentum)
         except (TypeError, ValueError): mom = float('nan')
         if not (0 <= mom < 1): raise ValueError(f"`momentum` must lie in [0, 1), got {momentum!r}")
         if lr is not None and not (check_reg(lr, 'lr') > 0): raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}")
-        self.blocks, self.momentum, self.lr = blocks, mom, lr
+        self.blocks, self.momentum, self.lr, self.settle = blocks, mom, lr, _check_settle(settle)
+
+    @property
+    def steered(self): return self.reg is None
+    def strength(self): return ((self.cur_reg or 0.) if self.steered else self.reg) * self.schedule(self.learn.pct_train)
 
     def _setup(self):
         if not residual_blocks(self.model, self.blocks):
@@ -375,26 +595,94 @@ class BlockSparsityCallback(PenaltyCallback):
         self._own = _ScaleOpt(p for p in self.params if id(p) not in in_opt)  # the gradients MixedPrecision does not unscale
         self._vel = torch.zeros(len(self.params), device=self.params[0].device)
 
+    def _fit_setup(self):
+        self.cur_reg, self._steer, self.mask, self.holding = self.reg, None, None, False
+        if self.budget: self._block_macs(); self._rerank()
+
+    def _block_macs(self):
+        "MACs a removed block saves (its whole cost but its shortcut's), and the dense model's MACs"
+        from fastslim.core import macs_by_module, example_batch
+        mm = macs_by_module(self.model, example_batch(self.dls, 1))
+        self._dense = mm.get('', 0)
+        self._saves = []
+        for n, b in residual_blocks(self.model, self.blocks).items():
+            short = _spec(b)[1]
+            self._saves.append(mm.get(n, 0) - (mm.get(f'{n}.{short}', 0) if short and getattr(b, short, None) is not None else 0))
+
+    def _rerank(self):
+        "`self.mask`: the blocks the budget removes under the current ranking (smallest |scale| first)"
+        s = self.scales().abs().cpu()
+        order = torch.argsort(s, stable=True).tolist()
+        if self.ratio is not None: n = round(self.ratio * len(s))
+        else:
+            goal, cur, n = self.target_macs * self._dense, self._dense, 0
+            for i in order:
+                if cur <= goal: break
+                cur -= self._saves[i]; n += 1
+        self.mask = torch.zeros(len(s), dtype=torch.bool, device=self._vel.device)
+        self.mask[order[:n]] = True
+
     def scales(self): return torch.stack([p.detach() for p in self.params]).float()
+    def targeted(self):
+        "|scale| of the blocks the penalty acts on (those the budget removes, or all)"
+        s = self.scales().abs()
+        return s if self.mask is None else s[self.mask]
+
+    def _steer_step(self):
+        p = self.learn.pct_train
+        self.holding = self._steer is not None and p >= self._steer.p1
+        if self.n_steps % 10 == 0 and self.n_steps > 0 and not self.holding: self._rerank()
+        if self.schedule(p) == 0: return
+        h = self.targeted()
+        h = float(h.max()) if h.numel() else 0.
+        if self._steer is None: self._steer = _Steer(self, h, self.settle)
+        self.cur_reg = self._steer.update(h, p)
 
     def before_step(self):
         scaler = getattr(self.learn, 'scaler', None)
         if scaler is not None and scaler.is_enabled() and self._own.param_groups[0]['params']: scaler.unscale_(self._own)
+        if self.steered: self._steer_step()
         w, lr = self.strength(), (self.lr or self.opt.hypers[-1]['lr'])
         with torch.no_grad():
             lam = torch.stack([p.detach() for p in self.params]).float()
             g = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).float()
             for p in self.params: p.grad = None       # fastai's optimizer skips parameters without a gradient
             if not bool(torch.isfinite(g).all()): return
+            t = lr * w * (self.mask.float() if self.mask is not None else 1.)
+            if self.holding: t = torch.where(self.mask, torch.inf, t)   # settling: removed blocks held at 0
             z = lam - lr * g + self.momentum * self._vel
-            new = z.sign() * (z.abs() - lr * w).clamp_min(0)
+            new = z.sign() * (z.abs() - t).clamp_min(0)
             new = torch.where(new * lam < 0, 0., new)          # a step across zero stops at zero (OWL-QN's orthant rule)
             self._vel = torch.where(new == 0, 0., new - lam)   # ... and loses its momentum
             for p, v in zip(self.params, new): p.copy_(v)
-            self._record(w * new.abs().sum())
+            self.lr_sum += lr * self.schedule(self.learn.pct_train)
+            self._record(w * (new.abs() * (self.mask.float() if self.mask is not None else 1.)).sum())
 
     def after_fit(self):
         super().after_fit()
-        if self.reg > 0 and self.n_steps > 0 and not bool((self.scales() == 0).any()):
+        if self.n_steps == 0 or not self._trained: return
+        if self.budget:
+            h = self.targeted()
+            if h.numel() and not bool((h == 0).all()):
+                warnings.warn(f"BlockSparsityCallback: {int((h != 0).sum())} of the {h.numel()} blocks the budget removes "
+                              f"still have a nonzero scale after {self.n_steps} steps (strength reached {self.cur_reg:.3g}); "
+                              f"train the sparsity stage longer or use a smaller `settle`")
+            return
+        if self.reg > 0 and not bool((self.scales() == 0).any()):
+            s = self.scales().abs()
+            sugg = max(2 * float(s.min()) / max(self.lr_sum, 1e-12), 4 * self.reg)
             warnings.warn(f"BlockSparsityCallback: after {self.n_steps} steps no branch scale is zero; `reg`={self.reg:g} "
-                          f"is too weak for a run this short: raise `reg` (or `lr`)")
+                          f"shrank each by at most {self.reg * self.lr_sum:.3g} (smallest |scale| is {float(s.min()):.3g}): "
+                          f"raise `reg` to about {sugg:.3g}, or give `ratio`/`target_macs` to steer it to the budget")
+
+
+def sparsity_callback(kind:str, # 'bn' (Network Slimming), 'groups' (group lasso) or 'blocks' (Sparse Structure Selection)
+                      ratio:float=None, # share of channels (blocks) the pruning will remove, in [0, 1)
+                      target_macs:float=None, # instead of `ratio`: MACs after pruning as a fraction of dense, in (0, 1)
+                      reg:float=None, # fixed strength; None steers it to the budget
+                      **kwargs, # passed to `SparsityCallback` or `BlockSparsityCallback`
+                     ):
+    "The sparsity-stage callback for `kind`, steered to the pruning budget (`ratio` or `target_macs`) unless `reg` is given"
+    kind = check_choice(kind, {'bn', 'groups', 'blocks'}, 'kind')
+    if kind == 'blocks': return BlockSparsityCallback(reg=reg, ratio=ratio, target_macs=target_macs, **kwargs)
+    return SparsityCallback(reg=reg, target=kind, ratio=ratio, target_macs=target_macs, **kwargs)

@@ -58,10 +58,10 @@ def slimming():
     set_seed(0)
     with warnings.catch_warnings(record=True) as weak:
         warnings.simplefilter('always')
-        peers = learner(digits_cnn(), [SparsityCallback(reg=1e-4)])
+        peers = learner(digits_cnn(), [SparsityCallback(reg=1e-4)])   # the default proximal form
         with peers.no_bar(), peers.no_logging(): peers.fit_one_cycle(4, 3e-2)
     set_seed(0)
-    sparse = learner(digits_cnn(), [SparsityCallback(reg=0.1)])
+    sparse = learner(digits_cnn(), [SparsityCallback(reg=0.1, mode='grad')])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), warnings.catch_warnings():  # fastai's console table, as a user sees it
         warnings.simplefilter('ignore'); sparse.fit_one_cycle(8, 3e-2)
@@ -79,10 +79,14 @@ def test_pruning_half_costs_little_after_sparsity_training(slimming):
     assert acc_s > 0.8 and acc_s > acc_n + 0.4, (acc_n, acc_s)   # measured: 0.97 vs 0.09 (chance)
 
 def test_peers_setting_fails_and_warns(slimming):
-    "4 epochs at 1e-4 leave no gamma near zero, like plain training, and the callback says so"
+    "4 epochs at 1e-4 leave no gamma near zero, like plain training; the warning suggests a much larger `reg`, or a budget"
+    import re
     assert bn_sparsity(slimming['peers']) == 0.
     assert prune_bn_global(slimming['peers']) < 0.5
-    assert any('too weak' in w for w in slimming['weak'])
+    w = [w for w in slimming['weak'] if 'no scale is below' in w]
+    assert len(w) == 1 and 'ratio' in w[0], slimming['weak']
+    sugg = float(re.search(r'raise `reg` to about ([0-9.e+-]+)', w[0]).group(1))
+    assert sugg >= 4e-4 and '`reg`=0.0001' in w[0]    # never the value that was used
 
 def test_columns_in_printed_table(slimming):
     names, values = slimming['names'], slimming['values']
@@ -147,7 +151,7 @@ def steps_of(extra, cbs, model_fn=digits_cnn, n=2, lr=1e-2):
 @pytest.mark.parametrize('combo', list(COMBOS))
 def test_bn_penalty_is_exact_under(combo):
     reg = 0.05
-    learn, got = steps_of(COMBOS[combo], [SparsityCallback(reg=reg)], n=1)
+    learn, got = steps_of(COMBOS[combo], [SparsityCallback(reg=reg, mode='grad')], n=1)
     _, ref = steps_of(COMBOS[combo], [], n=1)
     if combo.startswith('cpu_fp16'): assert got.scales[0] == 2.**10   # the loss really was scaled
     set_seed(0); init = dict(digits_cnn().named_parameters())         # the weights at the first step
@@ -157,14 +161,14 @@ def test_bn_penalty_is_exact_under(combo):
 
 @pytest.mark.parametrize('combo', ['accum', 'cpu_fp16+accum'])
 def test_penalty_once_per_optimizer_step(combo):
-    cb = SparsityCallback(reg=0.05)
+    cb = SparsityCallback(reg=0.05, mode='grad')
     learn, probe = steps_of(COMBOS[combo], [cb], n=3)
     assert len(probe.grads) == 3 and cb.n_steps == 3
     assert learn.train_iter == 5           # 6 micro-batches ran (the last one's counter is not advanced: fit stopped)
 
 def test_penalty_before_unscaling_would_be_wrong():
     "Control: the same penalty run before MixedPrecision (order 9) lands on scaled gradients and is divided by the scale"
-    reg, bad = 0.05, SparsityCallback(reg=0.05)
+    reg, bad = 0.05, SparsityCallback(reg=0.05, mode='grad')
     bad.order = 9
     learn, got = steps_of(COMBOS['cpu_fp16'], [bad], n=1)
     _, ref = steps_of(COMBOS['cpu_fp16'], [], n=1)
@@ -174,7 +178,7 @@ def test_penalty_before_unscaling_would_be_wrong():
 
 def test_schedule_switches_penalty():
     "With `start=0.5` the first step gets no penalty; a `WarmUp` starts at 0"
-    for cb in (SparsityCallback(reg=0.05, start=0.5), SparsityCallback(reg=0.05, schedule=WarmUp)):
+    for cb in (SparsityCallback(reg=0.05, start=0.5, mode='grad'), SparsityCallback(reg=0.05, schedule=WarmUp, mode='grad')):
         learn, got = steps_of(COMBOS['plain'], [cb], n=1)
         _, ref = steps_of(COMBOS['plain'], [], n=1)
         for a, b in zip(got.grads[0], ref.grads[0]): assert torch.equal(a, b)
@@ -196,7 +200,7 @@ def test_group_penalty_is_exact_under(combo):
     pg = group_penalty_grads(digits_cnn_nobn, lambda m: SlimPlan(m, x))
     def model_with_plan():
         m = digits_cnn_nobn(); SlimPlan(m, x); return m    # the callback finds the plan last built on the model
-    learn, got = steps_of(COMBOS[combo], [SparsityCallback(reg=reg, target='groups')], model_fn=model_with_plan, n=1)
+    learn, got = steps_of(COMBOS[combo], [SparsityCallback(reg=reg, target='groups', mode='grad')], model_fn=model_with_plan, n=1)
     _, ref = steps_of(COMBOS[combo], [], model_fn=digits_cnn_nobn, n=1)
     n_pen = 0
     for (name, p), a, b in zip(learn.model.named_parameters(), got.grads[0], ref.grads[0]):
@@ -212,7 +216,7 @@ def test_group_lasso_makes_pruning_cheap():
     x = torch.randn(2, 1, 8, 8)
     def run(reg):
         set_seed(0); m = digits_cnn_nobn(); plan = SlimPlan(m, x)
-        learn = learner(m, [SparsityCallback(reg=reg, target='groups')] if reg else [])
+        learn = learner(m, [SparsityCallback(reg=reg, target='groups', mode='grad')] if reg else [])
         quiet_fit(learn, 8, 1e-2)
         norms = [g.channel_sq_norms().detach().sqrt() for g in plan.groups]
         thr = torch.cat(norms).sort().values[len(torch.cat(norms)) // 2]
@@ -347,7 +351,7 @@ def test_branch_scales_trace_with_plan():
     assert sum(isinstance(b, BranchScale) for b in small.modules()) == 4
 
 # ------------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize('bad', [-1e-4, float('nan'), float('inf'), 'a', None])
+@pytest.mark.parametrize('bad', [-1e-4, float('nan'), float('inf'), 'a'])
 def test_bad_reg(bad):
     with pytest.raises(ValueError, match='`reg`'): SparsityCallback(reg=bad)
     with pytest.raises(ValueError, match='`reg`'): BlockSparsityCallback(reg=bad)
@@ -378,3 +382,192 @@ def test_bad_model_refused_before_training(model_fn, cb, msg):
     with pytest.raises(ValueError, match=msg): quiet_fit(learn, 1, 1e-2)
     after = model.state_dict()   # (a plan built for target='groups' may add its mask buffers, never change a weight)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+# ------------------------------------------------------------------------------- the proximal form (the default)
+from functools import partial
+from fastai.vision.all import SGD, Adam, RAdam, Lamb, OptimWrapper, CancelStepException
+
+class DeadBN(nn.Module):
+    "A digits classifier next to a BatchNorm whose output the loss ignores: its gammas get a zero loss gradient"
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.bn = nn.BatchNorm2d(8)
+        with torch.no_grad(): self.bn.weight.copy_(torch.linspace(-1, 1, 8))
+    def forward(self, x): return self.body(x) + 0. * self.bn(x.expand(-1, 8, -1, -1)).mean()
+
+OPTS = {'sgd': partial(SGD, mom=0.9), 'adam': Adam, 'radam': RAdam, 'lamb': Lamb,
+        'torch_sgd_nesterov': partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9, nesterov=True)}
+
+class LrLog(Callback):
+    "The learning rate of every real optimizer step, and the step count"
+    order = 99
+    def before_fit(self): self.lrs = []
+    def after_step(self): self.lrs.append(self.opt.hypers[-1]['lr'])
+
+def dead_bn_run(opt, extra=(), n_epoch=1, reg=0.3, one_cycle=True):
+    set_seed(0)
+    cb, log = SparsityCallback(reg=reg), LrLog()
+    learn = learner(DeadBN(), list(extra) + [cb, log], metrics=None, opt_func=opt, wd=0.)
+    quiet_fit(learn, n_epoch, 1e-2, one_cycle=one_cycle)
+    return learn, cb, log
+
+@pytest.mark.parametrize('opt', list(OPTS))
+def test_prox_same_shrinkage_under_any_optimizer(opt):
+    "With a zero loss gradient every |gamma| falls by exactly reg * (sum of the scheduled lr) under every optimizer"
+    g0 = torch.linspace(-1, 1, 8)
+    learn, cb, log = dead_bn_run(OPTS[opt], reg=3.)
+    shrink = 3. * sum(log.lrs)
+    assert 0.05 < shrink < 0.5 and cb.n_steps == len(log.lrs) == 22
+    expect = g0.sign() * (g0.abs() - shrink).clamp_min(0)
+    torch.testing.assert_close(learn.model.bn.weight.detach(), expect, rtol=0, atol=1e-6)
+    assert (learn.model.bn.weight == 0).sum() >= 2                  # the smallest ones are exact zeros
+
+def test_prox_gradient_form_differs_under_adam():
+    "Control: the gradient form under Adam moves each gamma by about lr per step whatever `reg` is"
+    def run(reg):
+        set_seed(0)
+        learn = learner(DeadBN(), [SparsityCallback(reg=reg, mode='grad')], metrics=None, wd=0.)
+        return quiet_fit(learn, 1, 1e-2).model.bn.weight.detach()
+    torch.testing.assert_close(run(0.3), run(30.), atol=1e-4, rtol=0)
+
+def test_prox_exact_on_real_training():
+    "On a real net, each step: gamma <- soft(gamma after the optimizer step, lr_t * reg), checked under SGD and Adam"
+    class Pre(Callback):
+        order = 10.2                                    # after the optimizer step, before the prox (10.5)
+        def after_step(self): self.v = [b.weight.detach().clone() for b in bn_layers(self.model).values()]
+    class Post(Callback):
+        order = 99
+        def before_fit(self): self.n = 0
+        def after_step(self):
+            t = self.opt.hypers[-1]['lr'] * 0.2
+            for a, b in zip(self.pre.v, bn_layers(self.model).values()):
+                torch.testing.assert_close(b.weight.detach(), a.sign() * (a.abs() - t).clamp_min(0), rtol=0, atol=0)
+            self.n += 1
+            if self.n == 5: raise CancelFitException()
+    for opt in (OPTS['sgd'], Adam):
+        set_seed(0); pre, post = Pre(), Post(); post.pre = pre
+        quiet_fit(learner(digits_cnn(), [SparsityCallback(reg=0.2), pre, post], metrics=None, opt_func=opt), 1, 1e-2)
+        assert post.n == 5
+
+class Overflow(Callback):
+    "Make the loss infinite at the given training iterations: fp16's GradScaler then skips those steps"
+    order = 9
+    def __init__(self, iters): self.iters = iters
+    def after_loss(self):
+        if self.training and self.learn.train_iter in self.iters: self.learn.loss_grad = self.loss_grad * float('inf')
+
+def test_prox_skipped_with_the_step_under_fp16():
+    g0 = torch.linspace(-1, 1, 8)
+    learn, cb, log = dead_bn_run(Adam, [CPUMixedPrecision('fp16'), Overflow({0, 3})], one_cycle=False)
+    assert cb.n_steps == len(log.lrs) - 2 == 20       # after_step still ran on the two skipped steps: no prox there
+    shrink = 0.3 * 1e-2 * 20
+    torch.testing.assert_close(learn.model.bn.weight.detach(), g0.sign() * (g0.abs() - shrink).clamp_min(0), rtol=0, atol=1e-6)
+
+@pytest.mark.parametrize('combo', ['cpu_bf16', 'fastai_bf16', 'fastai_fp16', 'cpu_fp16'])
+def test_prox_under_mixed_precision(combo):
+    g0 = torch.linspace(-1, 1, 8)
+    learn, cb, log = dead_bn_run(Adam, COMBOS[combo](), one_cycle=False)
+    assert cb.n_steps == 22 and learn.model.bn.weight.dtype == torch.float32
+    torch.testing.assert_close(learn.model.bn.weight.detach(), g0.sign() * (g0.abs() - 0.3 * 1e-2 * 22).clamp_min(0), rtol=0, atol=1e-6)
+
+class CancelOdd(Callback):
+    "Accumulation written with CancelStepException (fastai then still runs `after_step`): only even batches step"
+    order = 6
+    def before_step(self):
+        if self.learn.train_iter % 2: raise CancelStepException()
+
+@pytest.mark.parametrize('combo', ['accum', 'cancel_step', 'cpu_fp16+accum'])
+def test_prox_once_per_optimizer_step(combo):
+    g0 = torch.linspace(-1, 1, 8)
+    extra = [CancelOdd()] if combo == 'cancel_step' else COMBOS[combo]()
+    learn, cb, log = dead_bn_run(Adam, extra, one_cycle=False)
+    n = 11                                            # 22 batches: 11 even ones; GradientAccumulation steps every 2nd
+    assert cb.n_steps == n, cb.n_steps
+    torch.testing.assert_close(learn.model.bn.weight.detach(), g0.sign() * (g0.abs() - 0.3 * 1e-2 * n).clamp_min(0), rtol=0, atol=1e-6)
+
+def test_group_prox_is_a_group_soft_threshold():
+    "target='groups': each step scales every weight coupled to a channel by max(1 - lr*reg/||w_c||, 0)"
+    from fastslim.plan import SlimPlan
+    set_seed(0)
+    m = digits_cnn_nobn(); plan = SlimPlan(m, torch.randn(2, 1, 8, 8))
+    cb = SparsityCallback(reg=5., target='groups', layers=[plan.groups[-1].name])   # one group: separable prox
+    class Pre(Callback):
+        order = 10.2
+        def after_step(self): self.n = plan.groups[-1].channel_sq_norms().detach().sqrt()
+    class Post(Callback):
+        order = 99
+        def after_step(self):
+            t = self.opt.hypers[-1]['lr'] * 5.
+            got = plan.groups[-1].channel_sq_norms().detach().sqrt()
+            torch.testing.assert_close(got, (pre.n - t).clamp_min(0), rtol=1e-5, atol=1e-6)
+            raise CancelFitException()
+    pre = Pre()
+    quiet_fit(learner(m, [cb, pre, Post()], metrics=None), 1, 0.5, one_cycle=False)
+    set_seed(0)
+    m = digits_cnn_nobn(); plan = SlimPlan(m, torch.randn(2, 1, 8, 8))
+    quiet_fit(learner(m, [SparsityCallback(reg=50., target='groups')], metrics=None), 1, 1e-2, one_cycle=False)
+    assert (torch.cat([g.channel_sq_norms() for g in plan.groups]) == 0).float().mean() > 0.9   # exact zeros
+
+# ------------------------------------------------------------------------------------------ budget steering
+def steered(opt, lr, **kw):
+    "A fit whose first 30% trains dense (the pipeline starts from a trained net), then steers to the budget"
+    set_seed(0)
+    cb = SparsityCallback(start=0.3, **kw)
+    learn = quiet_fit(learner(digits_cnn(), [cb], opt_func=opt), 6, lr)
+    return learn, cb
+
+@pytest.mark.parametrize('opt,lr', [(partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9, nesterov=True, weight_decay=5e-4), 0.02),
+                                    (Adam, 1e-2)], ids=['sgd', 'adam'])
+def test_budget_steering_reaches_its_share(opt, lr):
+    learn, cb = steered(opt, lr, ratio=0.5)
+    removed = torch.cat([cb.masks[id(p)].flatten() for p in cb.params])
+    assert removed.float().mean() == pytest.approx(0.5, abs=0.02)
+    g = cb.scales()
+    assert bool((g[removed] == 0).all())                                  # the budget's channels: exact zeros
+    assert float(g[~removed].median()) > 0.5 and float((g[~removed] < 1e-2).float().mean()) < 0.05  # the rest keep their scale
+    acc = valid_acc(learn)
+    assert acc > 0.9 and zeroed_bn_accuracy(learn, 0.5) == pytest.approx(acc, abs=0.01)   # removing them costs nothing
+
+def test_budget_steering_macs_target():
+    "`target_macs`: the steered channels are those `PruneCallback(target_macs=...)` then removes"
+    from fastslim.prune import PruneCallback
+    learn, cb = steered(Adam, 1e-2, target_macs=0.3)
+    removed = torch.cat([cb.masks[id(p)].flatten() for p in cb.params])
+    assert bool((cb.scales()[removed] == 0).all())
+    plan = PruneCallback(criterion='slimming', target_macs=0.3, min_keep=0.1).prune_now(learn)
+    pruned = torch.cat([~plan.groups[i].keep for i in range(len(plan.groups))])
+    assert int(pruned.sum()) == int(removed.sum())
+    assert valid_acc(learn) > 0.9
+
+def test_steered_groups_and_blocks():
+    from fastslim.plan import SlimPlan
+    set_seed(0)
+    m = digits_cnn_nobn(); plan = SlimPlan(m, torch.randn(2, 1, 8, 8))
+    cb = SparsityCallback(target='groups', ratio=0.5, start=0.3)
+    learn = quiet_fit(learner(m, [cb]), 5, 1e-2)
+    assert float((cb.targeted() < 1e-2).float().mean()) == 1. and valid_acc(learn) > 0.7   # measured 0.76: no BN, from scratch
+    assert float(torch.cat(list(cb.masks.values())).float().mean()) == pytest.approx(0.5, abs=0.03)
+    set_seed(0)
+    bcb = BlockSparsityCallback(ratio=0.5)
+    learn = quiet_fit(learner(digits_resnet(), [bcb]), 4, 1e-2)
+    s = branch_scales(learn.model)
+    assert sorted(v == 0 for v in s.values()) == [False, False, True, True], s
+    assert valid_acc(learn) > 0.9
+
+def test_factory():
+    cb = sparsity_callback('bn', target_macs=0.1)
+    assert isinstance(cb, SparsityCallback) and cb.steered and cb.target_macs == 0.1 and cb.mode == 'prox'
+    cb = sparsity_callback('groups', ratio=0.3, reg=1e-3)
+    assert cb.target == 'groups' and not cb.steered and cb.reg == 1e-3
+    cb = sparsity_callback('blocks', ratio=0.5)
+    assert isinstance(cb, BlockSparsityCallback) and cb.steered
+    with pytest.raises(ValueError, match='`kind`'): sparsity_callback('weights', ratio=0.5)
+
+@pytest.mark.parametrize('kw,msg', [(dict(ratio=1.), '`ratio`'), (dict(target_macs=0.), '`target_macs`'),
+                                    (dict(ratio=0.5, target_macs=0.5), '`ratio`'), (dict(settle=1.), '`settle`'),
+                                    (dict(mode='sign'), '`mode`'), (dict(ratio=0.5, every=0), '`every`')])
+def test_bad_budget_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg): SparsityCallback(**kw)
+    if 'mode' not in kw and 'every' not in kw:
+        with pytest.raises(ValueError, match=msg): BlockSparsityCallback(**kw)
