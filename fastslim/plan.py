@@ -6,7 +6,8 @@ Docs: https://fastslim.github.io/fastslim/plan.html.md"""
 
 # %% ../nbs/02_plan.ipynb #33bda69b
 from __future__ import annotations
-import copy, ctypes, math, os, time, types, warnings, weakref, threading
+import copy, ctypes, math, os, tempfile, time, types, warnings, weakref, threading
+from pathlib import Path
 from contextlib import contextmanager
 from functools import reduce
 import torch, torch_pruning as tp
@@ -418,11 +419,19 @@ def _buffers_kept(model):
             for b, v in saved: b.copy_(v)
         for m, t in modes: m.training = t
 
+def _stochastic(m):
+    "Whether `m` draws random numbers in training mode (dropout, drop-path, drop-block)"
+    return isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__.lower().startswith('drop')
+
 def _outputs(model, xs, train=False):
+    "The model's output tensors on `xs`, in eval mode or (`train`) in training mode with dropout off and buffers restored"
     with torch.no_grad():
         if train:
-            with _buffers_kept(model):
+            with _buffers_kept(model), torch.random.fork_rng(devices=[]):
                 model.train()
+                for m in model.modules():
+                    if _stochastic(m): m.eval()   # compacted layers draw other random numbers: compare without them
+                torch.manual_seed(0)
                 y = model(*xs)
         else:
             with eval_mode(model): y = model(*xs)
@@ -484,6 +493,27 @@ def _create_weight_mask(module, state_dict, prefix, *args):
     if k in state_dict and not hasattr(module, _wmask_buf):
         module.register_buffer(_wmask_buf, torch.ones_like(module.weight, dtype=torch.bool))
 
+def _mask_hooks(plan):
+    "Load hooks that keep the stricter of a checkpoint's masks and the live plan's own, while the plan is hard"
+    ref = weakref.ref(plan)
+    def live():
+        p = ref()
+        return p if p is not None and p.hard and _registry.get(p.model) is p else None
+    def pre(module, state_dict, prefix, *args):
+        p = live()
+        if p is None: return
+        for b in (_keep_buf, _wmask_buf):
+            k, cur = prefix + b, getattr(module, b, None)
+            v = state_dict.get(k)
+            if cur is None or not isinstance(v, torch.Tensor) or v.shape != cur.shape or v.dtype != torch.bool: continue
+            v = v.to(cur.device)
+            if (v & ~cur).any(): p._tightened = True   # an older checkpoint: it would un-prune what a later step removed
+            state_dict[k] = v & cur
+    def post(module, incompatible):
+        p = live()
+        if p is not None and getattr(p, '_tightened', False): p._tightened = False; p.apply()   # re-zero what the checkpoint held
+    return pre, post
+
 def plan_of(model:nn.Module):
     "The `SlimPlan` last built on `model` (None if there is none)"
     return _registry.get(model)
@@ -502,8 +532,7 @@ def _model_kept(model):
                 for k in [k for k in d if k not in keep]: del d[k]
 
 def _train_extra(model, example, ran_eval=None):
-    "Output layers of training mode if `model` is in training mode and some layers run only there (auxiliary heads), else None"
-    if not model.training: return None
+    "Output layers of training mode if some layers run only there (auxiliary heads), whatever mode `model` is in; else None"
     try:
         if ran_eval is None: ran_eval = _output_layers(model, example)[2]
         outs, _, ran = _output_layers(model, example, train=True)
@@ -511,7 +540,7 @@ def _train_extra(model, example, ran_eval=None):
     return outs if ran - ran_eval else None
 
 def _train_only(model, example):
-    "True if `model` is in training mode and some layers run only there (auxiliary heads): trace it in training mode"
+    "True if some layers of `model` run only in training mode (auxiliary heads): trace it in training mode"
     return _train_extra(model, example) is not None
 
 def _where(e):
@@ -524,6 +553,23 @@ def _where(e):
 
 # %% ../nbs/02_plan.ipynb #0cd9525a
 _VERIFY = {True: 'equal', 'equal': 'equal', 'runs': 'runs', False: None, None: None}
+
+def _check_rtol(rtol, name='rtol'):
+    "`rtol` as a float if it is a finite number > 0, else a `ValueError` naming `name`"
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {rtol!r}")
+    return float(rtol)
+
+def _check_example(example):
+    "`example` as a tuple of detached plain tensors, or a `ValueError` if it is not tensors or holds NaN/inf"
+    xs = as_inputs(example)
+    if not xs or not all(isinstance(o, torch.Tensor) for o in xs):
+        raise ValueError(f"`example` must be a tensor or a tuple of tensors (an input batch), got {type(example).__name__}")
+    for i, o in enumerate(xs):
+        if (o.is_floating_point() or o.is_complex()) and not torch.isfinite(o).all():
+            raise ValueError(f"`example` holds NaN or inf values{f' (input {i})' if len(xs) > 1 else ''}: "
+                             "the self-check would compare nothing; give a finite input batch")
+    return tuple(o.detach() for o in xs)
 
 class SlimPlan:
     "Coupled channel groups of `model` with keep-masks, and the two views: masked (`apply`) and compacted (`compact`)"
@@ -540,8 +586,10 @@ class SlimPlan:
                  keep_attention:bool=True, # leave attention layers and the embedding stream they write unpruned
                  rtol:float=1e-4, # relative tolerance of `select`'s equality check (of the largest output)
                 ):
+        if not isinstance(model, nn.Module): raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(hard, bool): raise ValueError(f"`hard` must be True or False, got {hard!r}")
         self.model, self.hard, self.root_types = model, hard, tuple(root_types)
-        self.time_limit, self.memory_limit, self.rtol = time_limit, memory_limit, rtol
+        self.time_limit, self.memory_limit, self.rtol = time_limit, memory_limit, _check_rtol(rtol)
         for v, n in ((time_limit, 'time_limit'), (memory_limit, 'memory_limit')):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise ValueError(f"`{n}` must be a positive number (or None for no limit), got {v!r}")
@@ -552,11 +600,11 @@ class SlimPlan:
         ignored = [by_name[o] if isinstance(o, str) and o in by_name else o for o in listify(ignored)]
         bad = [o for o in ignored if isinstance(o, str)]
         if bad: raise ValueError(f"`ignored` names layers that do not exist: {bad[:5]}")
-        self.example = tuple(o.detach() for o in as_inputs(example))
+        self.min_keep = self._check_min_keep(min_keep)
+        self.example = _check_example(example)
         try: self.output_layers, _, ran = _output_layers(model, self.example)
         except Exception as e:
             raise ValueError(f"`example` does not run through the model: {type(e).__name__}: {e}") from None
-        self.min_keep = self._check_min_keep(min_keep)
         extra = _train_extra(model, self.example, ran)
         self._trace_train = extra is not None
         if self._trace_train:   # outputs of training mode (auxiliary logits) are outputs too
@@ -574,12 +622,15 @@ class SlimPlan:
                 warnings.warn(f"{e}: kept the {len(self.groups)} groups found so far")
                 self.skipped['(rest of the model)'] = f"not grouped: {e}"
         for g in self.groups: g._register()
+        pre, post = _mask_hooks(self)
         for m in model.modules():
             if isinstance(m, self.root_types): m.register_load_state_dict_pre_hook(_create_weight_mask)
+            if isinstance(m, self.root_types) or hasattr(m, _keep_buf): m.register_load_state_dict_pre_hook(pre)
+        model.register_load_state_dict_post_hook(post)
         _registry[model] = self
 
     def _check_min_keep(self, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (isinstance(v, float) and v >= 1) or (isinstance(v, int) and v < 1):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (isinstance(v, float) and v >= 1) or (isinstance(v, int) and v < 1):
             raise ValueError(f"`min_keep` must be a count >= 1 or a fraction in [0, 1), got {v!r}")
         return v
 
@@ -609,6 +660,7 @@ def _build_graph(model, example, train=None):
     try:
         with warnings.catch_warnings(), _safe_tp(), _buffers_kept(model):
             warnings.simplefilter('ignore')
+            if train: model.train()   # planned in eval mode too: the auxiliary heads must be in the graph
             return tp.DependencyGraph().build_dependency(model, example, ignored_layers=[], verbose=False)
     except Exception as e:
         _Budget.check()   # torch-pruning's tracer retries after a bare `except:`, which catches an interrupt too
@@ -754,6 +806,10 @@ def select(self:SlimPlan,
     if verify is not None and verify not in _VERIFY: raise ValueError(f"`verify` must be 'equal', 'runs', True or False, got {verify!r}")
     mode = self.verify_mode if verify is None else _VERIFY[verify]
     min_keep = self.min_keep if min_keep is None else self._check_min_keep(min_keep)
+    if not isinstance(scores, dict): raise ValueError(f"`scores` must be a dict {{group name: per-channel scores}}, got {type(scores).__name__}")
+    if not scores:
+        why = f"the plan has no prunable group (see `plan.skipped`)" if not self.groups else f"name one or more of its {len(self.groups)} groups"
+        raise ValueError(f"`scores` is empty: nothing to prune; {why}")
     self._check_scores(scores)
     self._candidates(scores, min_keep)                             # all checks happen before any mask changes
     for _ in range(len(self.groups) + 1):                          # re-selected without the groups a check left out
@@ -926,6 +982,12 @@ def prune_weights(self:SlimPlan,
     if layers is None: layers = [n for n, m in named.items() if isinstance(m, self.root_types) and m not in self.output_layers]
     bad = [n for n in layers if n not in named or not isinstance(named[n], self.root_types)]
     if bad: raise ValueError(f"`layers` must name conv or linear layers of the model, got {bad[:5]}")
+    bad = [n for n in (scores or {}) if n not in layers]
+    if bad: raise ValueError(f"`scores` names layers that are not pruned here: {bad[:5]}")
+    for n, s in (scores or {}).items():
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(named[n].weight.shape):
+            raise ValueError(f"`scores[{n!r}]` must have the weight's shape {tuple(named[n].weight.shape)}, got {tuple(getattr(s, 'shape', ()))}")
+        if not torch.isfinite(s).all(): raise ValueError(f"`scores[{n!r}]` holds non-finite values")
     scores = {n: (scores or {}).get(n, named[n].weight.detach().abs()).float() for n in layers}
     if scope == 'global':
         allv = torch.cat([s.flatten() for s in scores.values()])
@@ -1054,9 +1116,15 @@ def compact(self:SlimPlan):
 
 # %% ../nbs/02_plan.ipynb #03456469
 def _rel_diff(a, b):
-    "Largest absolute difference of matching outputs, relative to the largest output"
-    return max([((x - y).abs().max() / max(x.abs().max().item(), y.abs().max().item(), 1e-12)).item()
-                for x, y in zip(a, b)] or [0.])
+    "Largest absolute difference of matching outputs, relative to the largest output (inf where only one is finite)"
+    res = 0.
+    for x, y in zip(a, b):
+        fx, fy, ix = torch.isfinite(x), torch.isfinite(y), torch.isinf(x)
+        if not torch.equal(fx, fy) or not torch.equal(ix, torch.isinf(y)) or not torch.equal(x[ix], y[ix]): return math.inf
+        x, y = x[fx], y[fy]
+        if not x.numel(): continue
+        res = max(res, ((x - y).abs().max() / max(x.abs().max().item(), y.abs().max().item(), 1e-12)).item())
+    return res
 
 def _close(a, b, rtol):
     return len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b)) and _rel_diff(a, b) <= rtol
@@ -1072,51 +1140,73 @@ def _masked(plan):
         with torch.no_grad():
             for p, r, v in saved: p.copy_(v)
 
-def _joined(model, xs1, xs2):
-    "([one batch of `xs1` and `xs2`], the model's outputs on it), or ([xs1, xs2], None) where joining them fails"
+_N_RANDOM = 2   # random batches the self-check compares on, besides the example
+
+def _like(o, g):
+    "A random batch shaped like the input `o`, with its mean and standard deviation (integer inputs are kept)"
+    if not o.is_floating_point(): return o
+    f = o.detach().float().cpu()
+    m, s = f.mean().item(), (f.std().item() if f.numel() > 1 else 0.)
+    return (torch.randn(o.shape, generator=g) * (s if s > 0 else 1.) + m).to(o)
+
+def _check_inputs(example, n=_N_RANDOM, seed=0):
+    "[the example, and `n` random batches at its scale] (a fixed generator: the same inputs every time)"
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(example)] + [tuple(_like(o, g) for o in example) for _ in range(n)]
+
+def _joined(model, xss, train=False):
+    "([one batch of all the batches `xss`], the model's outputs on it), or (xss, None) where joining them fails"
+    xs1 = xss[0]
     if all(isinstance(o, torch.Tensor) and o.ndim > 0 for o in xs1) and len({o.shape[0] for o in xs1}) == 1:
-        xs = tuple(torch.cat([a, b]) for a, b in zip(xs1, xs2))
+        xs = tuple(torch.cat(t) for t in zip(*xss))
         try:
-            ys = _outputs(model, xs)
+            ys = _outputs(model, xs, train)
             if all(y.ndim > 0 and y.shape[0] == xs[0].shape[0] for y in ys): return [xs], ys
         except Exception: pass
-    return [xs1, xs2], None
+    return list(xss), None
+
+def _compare(masked, small, xss, rtol, mode, train):
+    "(ok, reason, None) of the compacted model `small` against `masked` on the batches `xss`, in training or eval mode"
+    where = ' in training mode' if train else ''
+    batches, a0 = _joined(masked, xss, train)   # every input in one batch where the model allows
+    for i, xs in enumerate(batches):
+        if i == 0 and a0 is not None: a = a0
+        else:
+            try: a = _outputs(masked, xs, train)
+            except Exception:
+                if train: return True, None, None   # the masked model itself can't run this batch in training mode
+                raise
+        try: b = _outputs(small, xs, train)
+        except Exception as e: return False, f"the compacted model fails to run{where}: {type(e).__name__}: {e}", None
+        if [t.shape for t in a] != [t.shape for t in b]: return False, f"the compacted model's outputs have other shapes{where}", None
+        d = _rel_diff(a, b)
+        if mode == 'equal' and not d <= rtol:
+            return False, f"compacted outputs differ from the masked outputs{where} (by {d:.1e} of the largest)", None
+    return True, None, None
 
 @patch
 def _check(self:SlimPlan, rtol, mode):
-    "(ok, reason, failing group or None): compact a copy, then compare it with the masked model"
-    if getattr(self, '_xs2', None) is None:
-        g = torch.Generator().manual_seed(0)
-        self._xs2 = tuple(torch.randn(o.shape, generator=g).to(o) if o.is_floating_point() else o for o in self.example)
+    "(ok, reason, failing group or None): compact a copy, then compare it with the masked model in eval and training mode"
+    if getattr(self, '_xss', None) is None: self._xss = _check_inputs(self.example)
     try: small = self.compact()
     except (PlanTimeout, PlanMemoryError): raise
     except PlanError as e: return False, f"compaction failed: {e}", e.group
     except Exception as e: return False, f"compaction failed: {type(e).__name__}: {e}", None
     with _masked(self) as masked:
-        batches, a0 = _joined(masked, self.example, self._xs2)   # both inputs in one batch where the model allows
-        for i, xs in enumerate(batches):
-            a = a0 if i == 0 and a0 is not None else _outputs(masked, xs)
-            try: b = _outputs(small, xs)
-            except Exception as e: return False, f"the compacted model fails to run: {type(e).__name__}: {e}", None
-            if [t.shape for t in a] != [t.shape for t in b]: return False, "the compacted model's outputs have other shapes", None
-            if mode == 'equal' and _rel_diff(a, b) > rtol:
-                return False, f"compacted outputs differ from the masked outputs (by {_rel_diff(a, b):.1e} of the largest)", None
-        if not (self.model.training and self._trace_train): return True, None, None   # training mode runs other layers
-        try: a = _outputs(masked, self.example, train=True)
-        except Exception: return True, None, None   # the masked model itself can't run this batch in training mode
-    try: b = _outputs(small, self.example, train=True)
-    except Exception as e: return False, f"the compacted model fails to run in training mode: {type(e).__name__}: {e}", None
-    if [t.shape for t in a] != [t.shape for t in b]: return False, "in training mode the compacted model's outputs have other shapes", None
+        for train in (False, True):   # whatever mode the plan was built in: both must hold
+            res = _compare(masked, small, self._xss, rtol, mode, train)
+            if not res[0]: return res
     return True, None, None
 
 @patch
 def verify(self:SlimPlan,
-           rtol:float=None, # relative tolerance of 'equal' (of the largest output); default the plan's `rtol`
+           rtol:float=None, # relative tolerance of 'equal' (of the largest output), finite and > 0; default the plan's `rtol`
            fix:bool=True, # leave the groups that fail unpruned and record them in `skipped`
            mode:str=None, # 'equal' or 'runs'; default the plan's `verify` ('equal' where it is off)
           ):
     "True if the compacted model passes the check; with `fix`, groups that fail it are left unpruned and reported"
-    rtol = self.rtol if rtol is None else rtol
+    rtol = self.rtol if rtol is None else _check_rtol(rtol)
+    if not isinstance(fix, bool): raise ValueError(f"`fix` must be True or False, got {fix!r}")
     mode = (self.verify_mode or 'equal') if mode is None else _VERIFY.get(mode, mode)
     check_choice(mode, {'equal', 'runs'}, 'mode')
     try: res = self._check(rtol, mode)
@@ -1196,9 +1286,24 @@ def compact(self:Learner, plan:SlimPlan=None):
 # %% ../nbs/02_plan.ipynb #16f30260
 _fmt = 'fastslim-slim-1'
 
+def _atomic_save(obj, path):
+    "`torch.save(obj, path)` through a temporary file in the same folder, renamed at the end: never a half-written `path`"
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix='.tmp')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
+    return path
+
 def save_slim(model_or_learner, path):
-    "Save a compacted or masked model as plan + `state_dict` (no pickled classes)"
+    "Save a compacted or masked model as plan + `state_dict` (no pickled classes); the file is written atomically"
     model = getattr(model_or_learner, 'model', model_or_learner)
+    if not isinstance(model, nn.Module): raise ValueError(f"`model_or_learner` must be an nn.Module or a Learner, got {type(model).__name__}")
+    if not Path(path).parent.is_dir(): raise ValueError(f"`path` {str(path)!r} is in a folder that does not exist")
     plan = plan_of(model)
     if plan is not None:   # masked model: masks are buffers in the state dict
         hist, shapes, kind = [], [tuple(o.shape) for o in plan.example], 'masked'
@@ -1206,26 +1311,76 @@ def save_slim(model_or_learner, path):
         extra = dict(min_keep=plan.min_keep, ignored=ignored, skipped=[[k, str(v)] for k, v in plan.skipped.items()])
     else:
         hist, shapes, kind, extra = getattr(model, 'slim_history', []), getattr(model, 'slim_example_shape', None), 'compact', {}
-    torch.save(dict(format=_fmt, kind=kind, history=[[n, list(i)] for n, i in hist], example_shape=shapes,
-                    state_dict=model.state_dict(), **extra), path)
+    _atomic_save(dict(format=_fmt, kind=kind, history=[[n, list(i)] for n, i in hist], example_shape=shapes,
+                      state_dict=model.state_dict(), **extra), path)
     return path
 
 # %% ../nbs/02_plan.ipynb #4f70b4b2
-def load_slim(path, model_fn, example=None):
+def _is_ints(v): return isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+def _read_slim(path):
+    "The checked contents of a `save_slim` file, or a `ValueError` naming `path` and what is wrong with it"
+    if not os.path.isfile(path): raise ValueError(f"`path` {str(path)!r} is not a file")
+    try: d = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ValueError(f"{path} is not a readable `save_slim` checkpoint (damaged, truncated, or another kind of file): "
+                         f"{type(e).__name__}: {why}") from None
+    if not isinstance(d, dict): raise ValueError(f"{path} is not a file written by `save_slim`: it holds a {type(d).__name__}, not a dict")
+    if d.get('format') != _fmt:
+        raise ValueError(f"{path} is not a file written by `save_slim`: format {d.get('format')!r}, expected {_fmt!r}")
+    def bad(why): return ValueError(f"{path} is damaged: {why}")
+    if d.get('kind') not in ('compact', 'masked'): raise bad(f"`kind` is {d.get('kind')!r}, expected 'compact' or 'masked'")
+    sd = d.get('state_dict')
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise bad("it holds no `state_dict` of tensors")
+    h = d.get('history')
+    if not isinstance(h, list) or not all(isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) and _is_ints(e[1]) for e in h):
+        raise bad("`history` is not a list of [layer name, [channel indices]]")
+    s = d.get('example_shape')
+    if s is not None and not (isinstance(s, (list, tuple)) and all(_is_ints(o) and all(i >= 0 for i in o) for o in s)):
+        raise bad(f"`example_shape` is not a list of input shapes: {s!r}")
+    for k, v in sd.items():
+        if k.rpartition('.')[2] in (_keep_buf, _wmask_buf) and (v.dtype != torch.bool or not v.any()):
+            raise bad(f"the mask `{k}` keeps no entry (or is not boolean): a layer would have no channel or weight left")
+    return d
+
+def _mismatch(model, sd):
+    "What differs between `model`'s state dict and the checkpoint's `sd`, in one line"
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own and k.rpartition('.')[2] != _wmask_buf]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    parts = [f"{len(l)} {w} (e.g. {', '.join(l[:3])})" for l, w in ((missing, 'missing keys'), (unexpected, 'unexpected keys'),
+                                                                    (shapes, 'tensors of another shape (file vs model)')) if l]
+    return '; '.join(parts)
+
+def load_slim(path, # a file written by `save_slim`
+              model_fn, # builds the original (dense) architecture: called with no arguments
+              example=None, # an input batch for re-planning; default: zeros of the saved example shape
+             ):
     "Rebuild the saved model from `model_fn()` (the original architecture's constructor) and load its weights"
-    d = torch.load(path, map_location='cpu', weights_only=True)
-    if d.get('format') != _fmt: raise ValueError(f"{path} is not a file written by `save_slim`")
+    if not callable(model_fn): raise ValueError(f"`model_fn` must be a callable that builds the architecture, got {type(model_fn).__name__}")
+    d = _read_slim(path)
     model = model_fn()
+    if not isinstance(model, nn.Module): raise ValueError(f"`model_fn` must return an nn.Module, got {type(model).__name__}")
     if example is None and d['example_shape']: example = tuple(torch.zeros(s) for s in d['example_shape'])
-    if d['kind'] == 'compact':
-        if d['history']: replay(model, example, [(n, i) for n, i in d['history']])
-        model.slim_history = [(n, i) for n, i in d['history']]
-        model.slim_example_shape = d['example_shape']
-    else:
-        ignored = d.get('ignored', []) or None
-        plan = SlimPlan(model, example, ignored=ignored, min_keep=d.get('min_keep', 1))
-        left = dict(d.get('skipped', []))   # groups a check left unpruned stay out of the plan
-        plan.skipped.update(left)
-        plan.groups = [g for g in plan.groups if g.name not in left]
-    model.load_state_dict(d['state_dict'])
+    what = "the model `model_fn` builds is not the architecture saved in"
+    try:
+        if d['kind'] == 'compact':
+            if d['history']: replay(model, example, [(n, i) for n, i in d['history']])
+            model.slim_history = [(n, i) for n, i in d['history']]
+            model.slim_example_shape = d['example_shape']
+        else:
+            ignored = d.get('ignored', []) or None
+            plan = SlimPlan(model, example, ignored=ignored, min_keep=d.get('min_keep', 1))
+            left = dict(d.get('skipped', []))   # groups a check left unpruned stay out of the plan
+            plan.skipped.update(left)
+            plan.groups = [g for g in plan.groups if g.name not in left]
+    except (PlanTimeout, PlanMemoryError): raise
+    except Exception as e:
+        raise ValueError(f"{what} {path}: re-applying its pruning failed: {type(e).__name__}: {str(e)[:300]}") from None
+    try: model.load_state_dict(d['state_dict'])
+    except Exception as e:
+        raise ValueError(f"{what} {path}: {_mismatch(model, d['state_dict']) or str(e)[:300]}") from None
     return model

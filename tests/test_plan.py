@@ -292,11 +292,31 @@ def test_time_limit_interrupts_cleanly():
     assert [len(m._forward_hooks) for m in model.modules()] == hooks    # no tracing hook left behind
     assert model.training                                                # nor eval mode
 
+def _state_hash(model):
+    "A digest of every tensor of `model`'s state dict, its keys, and its hooks: equal digests, nothing changed"
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items(): h.update(k.encode()); h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._load_state_dict_pre_hooks) for m in model.modules())
+    return h.hexdigest(), hooks, [m.training for m in model.modules()]
+
 def test_memory_limit_interrupts_cleanly(monkeypatch):
-    gib = itertools.count(0., 0.5)                                       # resident memory that keeps growing
-    monkeypatch.setattr(plan_mod, '_rss_gib', lambda: next(gib))
-    with pytest.raises(PlanMemoryError, match='`memory_limit`'):
-        SlimPlan(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32), memory_limit=2)
+    "Deterministic: resident memory is mocked past the limit from the watchdog's first poll, and the build waits for it"
+    readings = iter([0.])                                                # the baseline, then far past any limit
+    monkeypatch.setattr(plan_mod, '_rss_gib', lambda: next(readings, 100.))
+    orig, waited = plan_mod._build_graph, []
+    def build_then_wait(*a, **k):
+        DG = orig(*a, **k)
+        end = time.monotonic() + 60
+        while time.monotonic() < end: time.sleep(0.01); waited.append(1)   # until the watchdog interrupts (no race)
+        return DG
+    monkeypatch.setattr(plan_mod, '_build_graph', build_then_wait)
+    model = small_cnn()
+    before = _state_hash(model)
+    with pytest.raises(PlanMemoryError, match='`memory_limit`=2 GiB'):
+        SlimPlan(model, torch.randn(2, 1, 8, 8), memory_limit=2)
+    assert waited and len(waited) < 5000                                 # interrupted inside the build, long before 60 s
+    assert plan_of(model) is None and _state_hash(model) == before       # no plan, no mask, no hook left behind
 
 @pytest.mark.parametrize('kw', [dict(time_limit=0), dict(time_limit=-1), dict(memory_limit=0), dict(memory_limit='8')])
 def test_bad_limits(kw):
@@ -413,13 +433,13 @@ class SlowTrace(nn.Module):
     def __init__(self): super().__init__(); self.c, self.h, self.n = nn.Conv2d(1, 4, 3), nn.Linear(4, 2), 0
     def forward(self, x):
         self.n += 1
-        if self.n == 2: time.sleep(1.)
+        if self.n == 3: time.sleep(1.)   # the trace: after the probes in eval and in training mode
         return self.h(self.c(x).mean((2, 3)))
 
 def test_interrupt_swallowed_by_torch_pruning_still_times_out():
     model = SlowTrace().eval()
     with pytest.raises(PlanTimeout, match='while tracing the model'): SlimPlan(model, torch.randn(2, 1, 8, 8), time_limit=0.3)
-    assert model.n == 3          # torch-pruning caught the interrupt and ran the model again; the plan still stopped
+    assert model.n == 4          # torch-pruning caught the interrupt and ran the model again; the plan still stopped
 
 @pytest.mark.parametrize('layer', [nn.Conv2d(6, 8, 3), nn.Conv2d(6, 8, 3, groups=2), nn.Conv2d(6, 6, 3, groups=6),
                                    nn.ConvTranspose2d(6, 8, 3), nn.Linear(6, 8), nn.BatchNorm2d(6), nn.LayerNorm(6),
