@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/export.html.md"""
 
 # %% ../nbs/60_export.ipynb #af89595e
 from __future__ import annotations
-import copy, importlib, json, os, re, statistics, tempfile, time, warnings
+import copy, importlib, json, math, os, re, shutil, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
@@ -15,10 +15,10 @@ from fastcore.script import call_parse
 from .core import *
 
 # %% auto #0
-__all__ = ['OPSET', 'import_export_deps', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport', 'export_onnx',
-           'calib_batches', 'check_batches', 'quantize_onnx', 'onnx_accuracy', 'CompiledInt8', 'quantize_pt2e',
-           'onnx_latency', 'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model', 'load_model_dir',
-           'export']
+__all__ = ['OPSET', 'OPSET_MIN', 'import_export_deps', 'check_opset', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport',
+           'export_onnx', 'calib_batches', 'check_batches', 'quantize_onnx', 'onnx_accuracy', 'CompiledInt8',
+           'quantize_pt2e', 'onnx_latency', 'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model',
+           'load_model_dir', 'export']
 
 # %% ../nbs/60_export.ipynb #29b17ca7
 _EXPORT_EXTRA = 'pip install "fastslim[export]"'
@@ -34,6 +34,16 @@ def import_export_deps():
 
 # %% ../nbs/60_export.ipynb #8d926b9e
 OPSET = 20   # the ONNX opset `export_onnx` targets by default (onnxruntime >= 1.17 runs it)
+
+OPSET_MIN = 18   # torch's dynamo exporter writes opset 18 and newer natively
+
+def check_opset(opset):
+    "`opset` if it is an ONNX opset `export_onnx` can write (an int from `OPSET_MIN` to onnx's newest), else a `ValueError`"
+    import onnx
+    hi = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSET_MIN <= opset <= hi:
+        raise ValueError(f"`opset` must be an integer from {OPSET_MIN} to {hi} (the newest this onnx knows), got {opset!r}")
+    return opset
 
 class ExportError(RuntimeError):
     "A model could not be exported to ONNX; `op` is the operator that failed (None if the exporter named none)"
@@ -126,14 +136,30 @@ def export_onnx(model_or_learner, # an nn.Module, or a Learner (its model, and o
                )->OnnxExport:
     "Export an eval copy of the model to one self-contained ONNX file with a dynamic batch, checked with onnxruntime"
     onnx, _, _ = import_export_deps()
+    opset = check_opset(opset)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"`rtol` must be a finite number > 0, got {rtol!r}")
     model, xs = _unwrap(model_or_learner, example)
     path = Path(path)
     if path.suffix != '.onnx': raise ValueError(f"`path` must end in .onnx, got {str(path)!r}")
+    if path.is_dir(): raise ValueError(f"`path` {str(path)!r} is a folder")
     m = _deploy_copy(model)
     try:
         with torch.no_grad(): m(*xs)
     except Exception as e: raise ValueError(f"`example` does not run through the model: {type(e).__name__}: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix='.tmp.onnx')   # checked, then renamed
+    os.close(fd)
+    try:
+        written = _export_to(onnx, m, xs, tmp, opset, **kwargs)
+        diff, rel = _verify(tmp, m, xs, rtol)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return OnnxExport(path, written, diff, rel)
+
+def _export_to(onnx, m, xs, path, opset, **kwargs):
+    "Write `m` to `path` with the dynamo exporter; return the opset the file declares"
     batch = torch.export.Dim('batch')
     try:
         with warnings.catch_warnings():
@@ -143,13 +169,14 @@ def export_onnx(model_or_learner, # an nn.Module, or a Learner (its model, and o
     except Exception as e:
         op = failing_op(e)
         what = f"operator `{op}` has no ONNX translation" if op else str(e).strip().splitlines()[0]
-        raise ExportError(f"{type(model).__name__} could not be exported to ONNX: {what} (replace it, or give a "
+        raise ExportError(f"{type(m).__name__} could not be exported to ONNX: {what} (replace it, or give a "
                           f"translation in `custom_translation_table`)", op) from e
     proto = onnx.load(str(path), load_external_data=False)
     if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
-        raise ExportError(f"{path} refers to external data: the model is too large for one ONNX file")
-    diff, rel = _verify(path, m, xs, rtol)
-    return OnnxExport(path, opset, diff, rel)
+        raise ExportError(f"the exported {type(m).__name__} refers to external data: the model is too large for one ONNX file")
+    written = max([o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')], default=None)
+    if written != opset: raise ExportError(f"the exporter wrote opset {written}, not the `opset`={opset} asked for")
+    return written
 
 # %% ../nbs/60_export.ipynb #050c2eec
 def _input_specs(sess):
@@ -220,9 +247,13 @@ def quantize_onnx(path, # the fp32 .onnx file (e.g. written by `export_onnx`)
         except Exception as e:
             warnings.warn(f"onnxruntime's quant_pre_process failed ({type(e).__name__}: {e}); quantising the model as exported")
             src = path
-        quantize_static(str(src), str(out), _calibration_reader(batches, [n for n, _ in specs]),
+        tmp = Path(d)/'int8.onnx'   # written whole, then moved: a failure leaves an existing `out` as it was
+        quantize_static(str(src), str(tmp), _calibration_reader(batches, [n for n, _ in specs]),
                         quant_format=QuantFormat.QDQ, per_channel=per_channel, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_name(f".{out.name}.part")
+        shutil.copyfile(tmp, part); os.replace(part, out)
     return out
 
 # %% ../nbs/60_export.ipynb #7611ad42
@@ -394,25 +425,85 @@ def export_model(model:nn.Module, # the (slim) model to deploy
     return dict(paths=out, accuracy={k: onnx_accuracy(p, dls.valid) for k, p in out.items()}, max_abs_diff=res.max_abs_diff)
 
 # %% ../nbs/60_export.ipynb #5b7ac8cc
-def _build_arch(arch, kwargs):
-    "The model `arch` names: an importable 'module:function', or a timm model name (fastslim's zoo included)"
-    if ':' in arch:
-        mod, fn = arch.split(':', 1)
-        return getattr(importlib.import_module(mod), fn)(**kwargs)
+_TIMM_REFUSED = ('pretrained', 'checkpoint_path', 'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')   # they read files
+
+def _callable_name(f): return f"{f.__module__}:{f.__qualname__}"
+
+def _import_callable(arch):
+    "The object an importable 'module:attr.path' names"
+    mod, path = arch.split(':', 1)
+    obj = importlib.import_module(mod)
+    for p in path.split('.'): obj = getattr(obj, p)
+    return obj
+
+def _loaded_callable(arch):
+    "The object 'module:attr.path' names if its module is already imported (nothing is imported here), else None"
+    mod, path = arch.split(':', 1)
+    obj = sys.modules.get(mod)
+    for p in path.split('.'): obj = getattr(obj, p, None)
+    return obj
+
+def _torchvision_models():
+    "Names of torchvision's classification models (`torchvision.models.list_models(module=torchvision.models)`)"
+    try: import torchvision
+    except ImportError: return set()
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+def _build_arch(arch, kwargs, allow=(), trust_code=False):
+    "The model `arch` names: a timm model (fastslim's zoo included), a torchvision classification model, or an allowed callable"
+    if not isinstance(arch, str) or not arch: raise ValueError(f"meta.json's 'arch' must name an architecture, got {arch!r}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"meta.json's 'kwargs' must be an object of keyword arguments, got {kwargs!r}")
+    kwargs = dict(kwargs)
+    allowed = {(a if isinstance(a, str) else _callable_name(a)): a for a in (allow or ())}
+    if ':' in arch and arch not in allowed:   # an allowed function under another name it is importable by (torch.nn:Linear)
+        f = _loaded_callable(arch)
+        for a in allow or ():
+            if f is not None and not isinstance(a, str) and f is a: allowed[arch] = a
+    if arch in allowed or ':' in arch:
+        if not (trust_code or arch in allowed):
+            raise ValueError(f"meta.json names the callable {arch!r}, which is not a timm or torchvision architecture: loading a "
+                             f"model folder runs no other code. If you trust the folder's source, pass `allow=[{arch!r}]` "
+                             "(or `trust_code=True`)")
+        f = allowed.get(arch)
+        f = _import_callable(arch) if f is None or isinstance(f, str) else f
+        if not callable(f): raise ValueError(f"{arch!r} is not callable")
+        return f(**kwargs)
     import timm
     try: importlib.import_module('fastslim.models')   # registers fastslim's architectures with timm
     except ImportError: pass
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    if timm.is_model(arch):
+        bad = [k for k in kwargs if k in _TIMM_REFUSED]
+        if bad: raise ValueError(f"meta.json's 'kwargs' for {arch!r} may not set {bad} (they load weights or files)")
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    if arch in _torchvision_models():
+        import torchvision
+        ic = kwargs.pop('in_chans', 3)   # timm's name for the input channels: torchvision's classifiers take 3
+        if ic != 3: raise ValueError(f"torchvision's {arch!r} takes 3 input channels, but meta.json asks for `in_chans`={ic!r}")
+        bad = [k for k in kwargs if k in ('weights', 'weights_backbone', 'progress')]
+        if bad: raise ValueError(f"meta.json's 'kwargs' for {arch!r} may not set {bad} (they download weights)")
+        return torchvision.models.get_model(arch, weights=None, **kwargs)
+    raise ValueError(f"meta.json names an unknown architecture {arch!r}: not a timm model (fastslim's zoo included) nor a "
+                     "torchvision classification model; a callable of your own needs `allow=['module:function']`")
 
-def load_model_dir(folder)->nn.Module:
-    "The slim model saved in `folder` (`slim.pt` from `save_slim`, and `meta.json` naming the architecture)"
+def load_model_dir(folder, # holds `slim.pt` (from `save_slim`) and `meta.json` naming the architecture
+                   allow:list=None, # callables ('module:function' names or the functions) meta.json may name, besides timm and torchvision models
+                   trust_code:bool=False, # trust the folder's source: build any 'module:function' meta.json names (runs that code)
+                  )->nn.Module:
+    "The slim model saved in `folder`; only timm and torchvision architectures are built, unless the caller allows more"
     from fastslim.plan import load_slim
+    if not isinstance(trust_code, bool): raise ValueError(f"`trust_code` must be True or False, got {trust_code!r}")
+    allow = listify(allow)
+    if not all(isinstance(a, str) or callable(a) for a in allow): raise ValueError("`allow` must list 'module:function' names or callables")
     folder = Path(folder)
     if not (folder/'slim.pt').is_file(): raise ValueError(f"`model` must be a folder holding slim.pt (written by save_slim), got {str(folder)!r}")
     if not (folder/'meta.json').is_file(): raise ValueError(f"`model` folder {str(folder)!r} has no meta.json naming the architecture")
-    meta = json.loads((folder/'meta.json').read_text())
-    if 'arch' not in meta: raise ValueError(f"{folder/'meta.json'} must name the architecture under 'arch'")
-    return load_slim(folder/'slim.pt', lambda: _build_arch(meta['arch'], meta.get('kwargs', {})))
+    try: meta = json.loads((folder/'meta.json').read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{folder/'meta.json'} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or 'arch' not in meta: raise ValueError(f"{folder/'meta.json'} must name the architecture under 'arch'")
+    kwargs = meta.get('kwargs', {})
+    model = _build_arch(meta['arch'], kwargs, allow, trust_code)   # refused before anything is imported or called
+    return load_slim(folder/'slim.pt', lambda: model)
 
 # %% ../nbs/60_export.ipynb #c2f79453
 @call_parse
@@ -423,12 +514,13 @@ def export(
     opset:int=OPSET, # ONNX opset
     n_calib:int=8, # training batches that calibrate int8
     bs:int=64, # batch size for calibration and evaluation
+    allow:str=None, # comma-separated 'module:function' architectures you trust (their code runs), besides timm and torchvision models
 ):
     "Export a slim model to ONNX (fp32, or int8) next to it and print each file's validation accuracy"
     from fastslim.data import get_dls
     check_choice(format, {'onnx', 'onnx-int8'}, 'format')
     import_export_deps()
-    net = load_model_dir(model)
+    net = load_model_dir(model, allow=[a.strip() for a in (allow or '').split(',') if a.strip()])
     shape = getattr(net, 'slim_example_shape', None)
     shape = shape[0] if shape else None
     dls = get_dls(data, size=shape[-1] if shape and len(shape) == 4 else None,

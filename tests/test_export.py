@@ -172,7 +172,9 @@ def test_export_command_loads_a_saved_slim_model(learn, tmp_path, monkeypatch, c
     plan_mod.save_slim(plan.compact(), d/'slim.pt')
     with pytest.raises(ValueError, match='meta.json'): load_model_dir(d)
     (d/'meta.json').write_text(json.dumps(dict(arch='tinyarch:net')))
-    assert export_cli(str(d), format='onnx') == 0
+    with pytest.raises(ValueError, match="allow=\\['tinyarch:net'\\]"): export_cli(str(d), format='onnx')   # not trusted by default
+    assert not (d/'model.onnx').exists()
+    assert export_cli(str(d), format='onnx', allow='tinyarch:net') == 0
     assert sorted(os.listdir(d)) == ['meta.json', 'model.onnx', 'slim.pt']
     assert 'accuracy' in capsys.readouterr().out
     assert onnx.load(d/'model.onnx').graph.node[0].op_type == 'Conv'
@@ -181,7 +183,74 @@ def test_export_command_loads_a_saved_slim_model(learn, tmp_path, monkeypatch, c
 
 def test_arch_names_resolve_through_timm_and_imports():
     from fastslim.export import _build_arch
-    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2)), nn.Linear)
+    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), allow=['torch.nn:Linear']), nn.Linear)
+    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), allow=[nn.Linear]), nn.Linear)
+    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), trust_code=True), nn.Linear)
     pytest.importorskip('fastslim.models')
     net = _build_arch('fastslim_vgg_tiny', dict(num_classes=10, in_chans=1))
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+# ---------------------------------------------------------------- trust (issue #16): no code from a model folder, atomic files
+def _folder(tmp_path, meta, model=None):
+    from fastslim.plan import save_slim
+    d = tmp_path/'run'; d.mkdir(exist_ok=True)
+    save_slim(model if model is not None else nn.Linear(3, 2), d/'slim.pt')
+    (d/'meta.json').write_text(json.dumps(meta))
+    return d
+
+@pytest.mark.parametrize('arch', ['os:system', 'subprocess:call', 'builtins:exec', 'os.path:join', 'hf-hub:x/y'])
+def test_meta_json_cannot_run_code(tmp_path, arch):
+    flag = tmp_path/'pwned'
+    d = _folder(tmp_path, dict(arch=arch, kwargs=dict(command=f'touch {flag}', args=['touch', str(flag)])))
+    with pytest.raises(ValueError, match=f"names the callable '{arch}'.*runs no other code.*allow="): load_model_dir(d)
+    with pytest.raises(ValueError, match='runs no other code'): export_cli(str(d), format='onnx')
+    assert not flag.exists() and sorted(os.listdir(d)) == ['meta.json', 'slim.pt']
+
+def test_allowed_callables_and_bad_arguments(tmp_path):
+    d = _folder(tmp_path, dict(arch='torch.nn:Linear', kwargs=dict(in_features=3, out_features=2)))
+    assert isinstance(load_model_dir(d, allow=['torch.nn:Linear']), nn.Linear)
+    assert isinstance(load_model_dir(d, trust_code=True), nn.Linear)
+    with pytest.raises(ValueError, match='`trust_code`'): load_model_dir(d, trust_code='yes')
+    (d/'meta.json').write_text('{"arch": ')
+    with pytest.raises(ValueError, match='not valid JSON'): load_model_dir(d)
+    for meta, word in [(dict(arch='no_such_model_xyz'), 'unknown architecture'), (dict(arch=3), "'arch'"),
+                       (dict(arch='resnet18', kwargs=[1]), "'kwargs'"), (dict(arch='resnet18', kwargs=dict(pretrained=True)), 'may not set'),
+                       (dict(arch='resnet18', kwargs=dict(checkpoint_path='/etc/passwd')), 'may not set')]:
+        (d/'meta.json').write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=word): load_model_dir(d)
+
+def test_torchvision_architecture_folder_loads(tmp_path):
+    "What `fastslim slim --arch mobilenet_v3_small` writes (kwargs with `in_chans`, which torchvision rejects) loads"
+    import torchvision
+    from fastslim.plan import SlimPlan, save_slim
+    net = torchvision.models.mobilenet_v3_small(num_classes=10)
+    plan = SlimPlan(net, torch.randn(2, 3, 32, 32))
+    plan.select(plan.l1_scores(), ratio=0.3, min_keep=0.1).apply()
+    small = plan.compact()
+    d = _folder(tmp_path, dict(arch='mobilenet_v3_small', kwargs=dict(num_classes=10, in_chans=3)), small)
+    back = load_model_dir(d)                                              # was: Unknown model (mobilenet_v3_small)
+    assert state_size(back) == state_size(small) and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), small.state_dict().values()))
+    (d/'meta.json').write_text(json.dumps(dict(arch='mobilenet_v3_small', kwargs=dict(num_classes=10, in_chans=1))))
+    with pytest.raises(ValueError, match='takes 3 input channels.*`in_chans`=1'): load_model_dir(d)
+
+@pytest.mark.parametrize('opset', [0, 17, 999, 20.0, '20', True])
+def test_bad_opset_is_refused_before_writing(tmp_path, opset):
+    path = tmp_path/'m.onnx'; path.write_bytes(b'user file')
+    with pytest.raises(ValueError, match=r'`opset` must be an integer from 18 to \d+'):
+        export_onnx(nn.Linear(3, 2), path, example=torch.randn(2, 3), opset=opset)
+    assert path.read_bytes() == b'user file' and os.listdir(tmp_path) == ['m.onnx']
+
+def test_opset_reported_is_the_one_written(tmp_path):
+    res = export_onnx(nn.Linear(3, 2), tmp_path/'m.onnx', example=torch.randn(2, 3), opset=18)
+    assert res.opset == 18 == max(o.version for o in onnx.load(res.path).opset_import if o.domain in ('', 'ai.onnx'))
+
+def test_failed_check_leaves_the_users_file_untouched(tmp_path, monkeypatch):
+    import fastslim.export as E
+    path = tmp_path/'m.onnx'; path.write_bytes(b'user file')
+    monkeypatch.setattr(E, '_verify', lambda *a: (_ for _ in ()).throw(ExportError('outputs differ')))
+    with pytest.raises(ExportError, match='outputs differ'): export_onnx(nn.Linear(3, 2), path, example=torch.randn(2, 3))
+    assert path.read_bytes() == b'user file' and os.listdir(tmp_path) == ['m.onnx']   # was: overwritten, unverified
+    with pytest.raises(ValueError, match='`rtol`'): export_onnx(nn.Linear(3, 2), path, example=torch.randn(2, 3), rtol=-1)
+    monkeypatch.undo()
+    res = export_onnx(nn.Linear(3, 2), path, example=torch.randn(2, 3))
+    assert res.path == path and os.listdir(tmp_path) == ['m.onnx'] and path.read_bytes() != b'user file'
