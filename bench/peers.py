@@ -8,12 +8,12 @@ stage (`--sparse` + `--finetune` epochs) for every row. Rows:
 * `tp_bnscale`: Torch-Pruning's `BNScalePruner` (Network Slimming): `regularize()` after every backward during the
   sparse epochs, one global prune to the MACs target, fine-tune.
 * `tp_l1`: Torch-Pruning's `MagnitudePruner` (L1 filters, global), one-shot prune to the MACs target, fine-tune all epochs.
-* `fasterai_*`: fasterai's PruneCallback (local / global context) with its KD callback; only when fasterai imports
-  (`pip install -e ".[bench]"`), else reported as not run.
-* `fs_slimming`: fastslim's pipeline: budget-steered `sparsity_callback('bn', target_macs=t)` stage,
-  `PruneCallback(criterion='slimming', target_macs=t, min_keep=0.1).prune_now`, compaction, `recalibrate_bn`,
-  fine-tuning with `DistillCallback` from the dense network (what `learn.slim('slimming')` does).
-* `fs_l1`: fastslim's L1 criterion, one-shot at the start, then distillation fine-tuning for all epochs.
+* `fasterai_*`: fasterai's structured `Pruner` (local / global context, its `large_final` criterion), one shot at
+  the channel ratio meeting the MACs target, then fine-tuning with its `KnowledgeDistillationCallback` (`SoftTarget`);
+  only when fasterai imports (`pip install -e ".[bench]"`), else reported as not run.
+* `fs_slimming`: `learn.slim('slimming', target_macs=t)` at its defaults (a budget-steered proximal L1 stage,
+  the global BN-scale threshold, BatchNorm statistics re-estimated, compaction, distillation from the dense network).
+* `fs_l1`: `learn.slim('l1', target_macs=t)`: one-shot L1 at the start, then distillation fine-tuning for all epochs.
 * `scratch_b`: the `fs_slimming` architecture from fresh weights for the dense run's compute (`fastslim.prune.scratch_b`).
 
 Columns: accuracy after each stage (sparse, right after pruning with BN statistics re-estimated and no gradient
@@ -96,27 +96,26 @@ def run_one(net, opt, seed, targets, a, dls, x):
         if 'fs_slimming' in rows or 'scratch_b' in rows:
             t0 = time.process_time(); set_seed(seed)
             l = learner(dls, copy.deepcopy(dense), opt)
-            fit(l, a.sparse, opt, [sparsity_callback('bn', target_macs=t)])
-            sp = accuracy_of(l)
-            PruneCallback(criterion='slimming', target_macs=t, min_keep=0.1).prune_now(l)
-            l.compact(); recalibrate_bn(l.model, dls.train)
-            pr = accuracy_of(l); small_arch = copy.deepcopy(l.model)
-            l = learner(dls, l.model, opt); fit(l, a.finetune, opt, [DistillCallback(copy.deepcopy(dense))])
+            with l.no_logging():
+                r = l.slim('slimming', target_macs=t, sparse_epochs=a.sparse, prune_epochs=0, finetune_epochs=a.finetune,
+                           lr=OPTS[opt][1], measure_speed=False)
+            st = {s['stage']: s['accuracy'] for s in r.stages}
+            small_arch = copy.deepcopy(l.model)
             if 'fs_slimming' in rows:
-                out.append({**base, **row('fs_slimming', dls, dense, l.model, x, t, opt, total, dict(sparse=sp, pruned=pr, final=accuracy_of(l)), t0)})
+                out.append({**base, **row('fs_slimming', dls, dense, l.model, x, t, opt, total,
+                                          dict(sparse=st['sparse'], pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)})
             if 'scratch_b' in rows:
                 t0 = time.process_time()
                 sb = scratch_b(dls, small_arch, a.dense, count_macs(dense, x), lr=OPTS[opt][1], seed=seed, metrics=accuracy,
-                               opt_func=OPTS[opt][0])
+                               opt_func=OPTS[opt][0], **({} if OPTS[opt][2] is None else dict(wd=OPTS[opt][2])))
                 out.append({**base, **row('scratch_b', dls, dense, sb.model, x, t, opt, sb.n_epoch, dict(final=accuracy_of(sb)), t0,
                                           dict(epochs=sb.n_epoch))})
         if 'fs_l1' in rows:
             t0 = time.process_time(); set_seed(seed)
             l = learner(dls, copy.deepcopy(dense), opt)
-            PruneCallback(criterion='l1', target_macs=t, min_keep=0.1).prune_now(l)
-            l.compact(); recalibrate_bn(l.model, dls.train); pr = accuracy_of(l)
-            l = learner(dls, l.model, opt); fit(l, total, opt, [DistillCallback(copy.deepcopy(dense))])
-            out.append({**base, **row('fs_l1', dls, dense, l.model, x, t, opt, total, dict(pruned=pr, final=accuracy_of(l)), t0)})
+            with l.no_logging(): r = l.slim('l1', target_macs=t, prune_epochs=0, finetune_epochs=total, lr=OPTS[opt][1], measure_speed=False)
+            st = {s['stage']: s['accuracy'] for s in r.stages}
+            out.append({**base, **row('fs_l1', dls, dense, l.model, x, t, opt, total, dict(pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)})
         if 'tp_bnscale' in rows:
             t0 = time.process_time(); set_seed(seed)
             m = copy.deepcopy(dense)
@@ -135,10 +134,22 @@ def run_one(net, opt, seed, targets, a, dls, x):
             out.append({**base, **row('tp_l1', dls, dense, l.model, x, t, opt, total, dict(pruned=pr, final=accuracy_of(l)), t0)})
         for ctx in ('local', 'global'):
             if f'fasterai_{ctx}' not in rows: continue
-            try: import fasterai  # noqa: F401
-            except ImportError: out.append({**base, 'row': f'fasterai_{ctx}', 'note': 'not run: fasterai not installed'}); continue
-            out.append({**base, 'row': f'fasterai_{ctx}', 'note': 'not implemented in this version of the bench'})
+            try: from fasterai.prune.all import Pruner; from fasterai.core.criteria import large_final; from fasterai.distill.all import KnowledgeDistillationCallback, SoftTarget
+            except ImportError: out.append({**base, 'row': f'fasterai_{ctx}', 'note': 'not run: fasterai not installed (pip install -e ".[bench]")'}); continue
+            t0 = time.process_time(); set_seed(seed)
+            # fasterai's structured Pruner (torch-pruning underneath, its large_final criterion), one shot at the channel ratio
+            # that meets the MACs target, then fine-tuning with its KnowledgeDistillationCallback from the dense network
+            mk = lambda mm, r: _FaStep(Pruner(mm, r, ctx, large_final, example_inputs=x, ignored_layers=[_last_linear(mm)]))
+            small = tp_prune_to(copy.deepcopy(dense), x, t, mk); recalibrate_bn(small, dls.train)
+            l = learner(dls, small, opt); pr = accuracy_of(l)
+            fit(l, total, opt, [KnowledgeDistillationCallback(copy.deepcopy(dense).eval(), SoftTarget)])
+            out.append({**base, **row(f'fasterai_{ctx}', dls, dense, l.model, x, t, opt, total, dict(pruned=pr, final=accuracy_of(l)), t0)})
     return out
+
+class _FaStep:
+    "fasterai's `Pruner` seen as a pruner with `step()`, for `tp_prune_to`"
+    def __init__(self, p): self.p = p
+    def step(self): self.p.prune_model()
 
 def _last_linear(m): return [o for o in m.modules() if isinstance(o, torch.nn.Linear)][-1]
 
@@ -176,6 +187,9 @@ def main():
     a = p.parse_args()
     if not DATA.exists(): raise SystemExit(f"no data at {DATA}")
     torch.set_num_threads(a.threads); warnings.simplefilter('ignore')
+    from fastai.basics import defaults
+    from fastai.callback.progress import ProgressCallback
+    defaults.callbacks = [c for c in defaults.callbacks if c is not ProgressCallback]   # no bars in the log (scratch_b's learner too)
     dls = npz_dls(DATA, n_train=8000, bs=128)
     x = dls.one_batch()[0][:1].cpu()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  python {' '.join(sys.argv)}")

@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/report.html.md"""
 
 # %% ../nbs/71_report.ipynb #59634627
 from __future__ import annotations
-import io, json, base64
+import io, os, json, base64
 from pathlib import Path
 import torch
 from torch import nn
@@ -183,8 +183,11 @@ def save(self:SlimReport, path):
     "Write `report.json` and one PNG per plot into the folder `path`; returns the written paths"
     import matplotlib.pyplot as plt
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    (path/'report.json').write_text(json.dumps(self.to_dict(), indent=1))
-    out = [path/'report.json']
+    def write(name, f):   # each file whole or not at all: written under a temporary name, then renamed
+        tmp = path/f'.{name}.tmp'
+        f(tmp); os.replace(tmp, path/name)
+        return path/name
+    out = [write('report.json', lambda p: p.write_text(json.dumps(self.to_dict(), indent=1)))]
     for k, fig in self.figures().items():
-        fig.savefig(path/f'{k}.png', bbox_inches='tight', dpi=100); plt.close(fig); out.append(path/f'{k}.png')
+        out.append(write(f'{k}.png', lambda p: fig.savefig(p, format='png', bbox_inches='tight', dpi=100))); plt.close(fig)
     return out

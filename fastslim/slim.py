@@ -18,7 +18,7 @@ from .prune import PruneCallback, recalibrate_bn
 from .distill import DistillCallback
 from .distill import DistillCallback as _distill_cb   # checks the options up front
 from .report import SlimReport, measure, conv_widths
-from .sparsity import bn_scales
+from .sparsity import bn_scales, sparsity_callback
 
 # %% auto #0
 __all__ = ['METHODS', 'accuracy_of', 'effective_macs', 'SlimRun', 'SlimGuardError']
@@ -87,14 +87,10 @@ class _Stages:
         return model
 
 # %% ../nbs/70_slim.ipynb #51729178
-def _sparsity_cb(kind, reg, n_steps):
-    "The stage-1 callback; BN-L1 strength defaults to 25 / optimizer steps, which drives scales to zero in short runs"
-    from fastslim.sparsity import SparsityCallback, BlockSparsityCallback
-    if reg is None and kind == 'bn': reg = 25 / max(n_steps, 1)
-    kw = {} if reg is None else dict(reg=reg)
-    if kind == 'bn': return SparsityCallback(target='bn', **kw)
-    if kind == 'groups': return SparsityCallback(target='groups', **kw)
-    return BlockSparsityCallback(**kw)
+def _sparsity_cb(kind, settings, min_keep):
+    "The stage-1 callback: a proximal L1 penalty steered to the pruning budget, or held at `reg` when one is given"
+    kw = {} if kind == 'blocks' else dict(min_keep=min_keep)
+    return sparsity_callback(kind, ratio=settings['ratio'], target_macs=settings['target_macs'], reg=settings['reg'], **kw)
 
 def _jsonable(v):
     "`v` if JSON can hold it, else its `repr` (a criterion object, a schedule): what the resume fingerprint compares"
@@ -214,9 +210,11 @@ class SlimRun:
             if st.path: save_slim(self.dense, st.path/'dense.pt')   # kept for `strict`, and to go back to
         n = s['sparse_epochs']
         if n:
-            cb = _sparsity_cb(self.spec['sparsity'], s['reg'], n * len(learn.dls.train))
+            cb = _sparsity_cb(self.spec['sparsity'], s, self.prune_kw['min_keep'])
             self.fit('stage 1/3: sparsity training', n, [cb])
-            self.used['reg'] = getattr(cb, 'reg', None)   # what the report shows as `reg`, not part of the resume fingerprint
+            # what the report shows as `reg` (not part of the resume fingerprint): the fixed strength, or the steered one's last value
+            steered = getattr(cb, 'reg', None) is None
+            self.used.update(reg='steered to the budget' if steered else cb.reg, reg_final=getattr(cb, 'cur_reg', None) if steered else cb.reg)
         st.finish('sparse', learn.model, record=bool(n), **self.record('sparse'))
         if n: self.guard()
 
