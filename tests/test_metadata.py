@@ -81,3 +81,10 @@ def test_readme_quickstart():
     nb = nbformat.read(ROOT/'nbs'/'index.ipynb', as_version=4)
     md = '\n'.join(c.source for c in nb.cells if c.cell_type == 'markdown')
     assert quickstart_commands(md) == cmds
+
+def test_readme_is_written_from_index():
+    "README.md is the docs front page's text (nbs/index.ipynb), written by tools/readme.py: one text, no drift"
+    sys.path.insert(0, str(ROOT/'tools'))
+    try: from readme import readme_text
+    finally: sys.path.pop(0)
+    assert (ROOT/'README.md').read_text(encoding='utf-8') == readme_text(), "run `python tools/readme.py` after editing nbs/index.ipynb"
