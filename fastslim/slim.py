@@ -304,19 +304,22 @@ def _compact(learn, method):
     if plan is not None and method != 'magnitude': learn.compact(plan)
 
 # %% ../nbs/70_slim.ipynb #e7a0c1d2
-_fastai_export = getattr(Learner, '_fastai_export', Learner.export)
-Learner._fastai_export = _fastai_export
-
 @patch
 def export(self:Learner, fname='export.pkl', pickle_module=pickle, pickle_protocol=2):
-    "fastai's `Learner.export`, written to a temporary name and renamed; a failure leaves the learner and any old file as they were"
+    "What fastai's `Learner.export` writes, to a temporary name renamed when whole; the learner keeps its data and optimizer, even on failure"
+    from fastai.torch_core import rank_distrib
+    if rank_distrib(): return   # as fastai: only the main process writes
+    self._end_cleanup()
     target = Path(self.path)/fname
     tmp = target.with_name(f'.{target.name}.tmp')
-    dls, opt = self.dls, self.opt
+    dls, opt, empty = self.dls, self.opt, self.dls.new_empty()
+    self.dls, self.opt = empty, None   # fastai's export pickles neither the items nor the optimizer state
     try:
-        _fastai_export(self, tmp.absolute(), pickle_module=pickle_module, pickle_protocol=pickle_protocol)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            torch.save(self, tmp, pickle_module=pickle_module, pickle_protocol=pickle_protocol)
         os.replace(tmp, target)
     except BaseException:
-        self.dls, self.opt = dls, opt
         tmp.unlink(missing_ok=True)
         raise
+    finally: self.dls, self.opt = dls, opt   # the same optimizer object, state and all (fastai rebuilds one)

@@ -207,3 +207,17 @@ def test_report_shows_sparsity_and_reg():
     learn = Learner(dls, timm.create_model('fastslim_vgg_tiny', num_classes=10), metrics=accuracy)
     r = learn.slim('slimming', target_macs=0.5, sparse_epochs=1, prune_epochs=0, finetune_epochs=0, measure_speed=False)
     assert r.settings['reg'] is not None and 'zero weights' not in {a for a, *_ in r.rows()}
+
+def test_export_with_block_sparsity(tmp_path):
+    "`learn.export` after `BlockSparsityCallback` added branch scales the optimizer does not hold (fastai's own export asserted)"
+    from fastslim.sparsity import BlockSparsityCallback
+    from fastslim.models import ResNet
+    learn = Learner(digits_dls(), ResNet(depth=14, in_channels=1, stem_width=8, stage_widths=[8, 16, 32]), metrics=accuracy,
+                    cbs=[BlockSparsityCallback(ratio=0.5)], path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    opt = learn.opt
+    learn.export()
+    assert learn.opt is opt
+    l2 = load_learner(tmp_path/'export.pkl')
+    x = example_batch(learn.dls)
+    with torch.no_grad(): assert torch.allclose(l2.model.eval()(*x), learn.model.eval()(*x), atol=1e-5)
