@@ -109,8 +109,8 @@ def slim(
     model = build_model(arch, dls.c, ch)
     learn = Learner(dls, model, metrics=accuracy)
     print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
-    from fastslim.slim import _interactive
-    with (learn.no_bar() if not _interactive() else contextlib.nullcontext()): learn.fit_one_cycle(dense_epochs, lr)
+    from fastslim.slim import epoch_lines
+    with epoch_lines(learn): learn.fit_one_cycle(dense_epochs, lr)
     print(f"fastslim: slimming with {method}")
     report = learn.slim(method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
                         finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg)
@@ -145,6 +145,8 @@ def _commands():
 
 def main(argv=None):
     "Entry point of the `fastslim` command: dispatch to a subcommand"
+    import warnings
+    warnings.filterwarnings('ignore', category=FutureWarning, module='torch.jit')   # torch's notice on importing fastai, not ours to act on
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = _commands()
     if not argv or argv[0] in ('-h', '--help'):

@@ -21,7 +21,7 @@ from .report import SlimReport, measure, conv_widths
 from .sparsity import bn_scales, sparsity_callback
 
 # %% auto #0
-__all__ = ['METHODS', 'accuracy_of', 'effective_macs', 'SlimRun', 'SlimGuardError']
+__all__ = ['METHODS', 'accuracy_of', 'effective_macs', 'epoch_lines', 'SlimRun', 'SlimGuardError']
 
 # %% ../nbs/70_slim.ipynb #da22227d
 METHODS = {
@@ -171,6 +171,21 @@ def _interactive():
     from fastprogress.fastprogress import IN_NOTEBOOK
     return IN_NOTEBOOK or sys.stdout.isatty()
 
+def _fmt_value(v): return f'{v:.4g}' if isinstance(v, float) else str(v)
+
+@contextlib.contextmanager
+def epoch_lines(learn:Learner):
+    "Progress bars in a terminal or notebook; elsewhere (a log file, CI) one `name value` line per epoch"
+    if _interactive(): yield; return
+    old = learn.logger
+    def log(vals):
+        names = list(getattr(learn.recorder, 'metric_names', []))
+        print('  '.join(f'{n} {_fmt_value(v)}' for n, v in zip(names, vals)) if len(names) == len(vals) else vals)
+    learn.logger = log
+    try:
+        with learn.no_bar(): yield
+    finally: learn.logger = old
+
 class SlimRun:
     "One `learn.slim` run: the three stages, each a short method, with the records and checkpoints of `st`"
     def __init__(self, learn, spec, settings, st, prune_kw, distill_kw, measure_speed, strict):
@@ -186,8 +201,7 @@ class SlimRun:
         "`n` epochs of one-cycle training with `cbs`, announced by `label`; one line per epoch outside a terminal or notebook"
         if not n: return
         print(f"fastslim: {label} ({n} epoch{'s' if n > 1 else ''})")
-        with (contextlib.nullcontext() if _interactive() else self.learn.no_bar()):
-            self.learn.fit_one_cycle(n, self.settings['lr'], cbs=cbs)
+        with epoch_lines(self.learn): self.learn.fit_one_cycle(n, self.settings['lr'], cbs=cbs)
 
     def __call__(self):
         learn, st = self.learn, self.st
