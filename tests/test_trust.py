@@ -38,7 +38,7 @@ def outs(model, x, train):
 def rel(a, b): return max(((x - y).abs().max() / x.abs().max()).item() for x, y in zip(a, b))
 
 # ---------------------------------------------------------------- auxiliary heads: planned in eval mode, right in both
-@pytest.mark.parametrize('arch,size', [('googlenet', 75), ('inception_v3', 299)])
+@pytest.mark.parametrize('arch,size', [('googlenet', 75), pytest.param('inception_v3', 299, marks=pytest.mark.slow)])   # 8 s: slow
 def test_aux_heads_planned_in_eval_mode_compact_for_training_mode(arch, size):
     model = randomize_bn(torchvision.models.get_model(arch, aux_logits=True, init_weights=False, num_classes=10)).eval()
     x = torch.randn(2, 3, size, size)
