@@ -450,7 +450,7 @@ def _torchvision_models():
     return set(torchvision.models.list_models(module=torchvision.models))
 
 def _build_arch(arch, kwargs, allow=(), trust_code=False):
-    "The model `arch` names: a timm model (fastslim's zoo included), a torchvision classification model, or an allowed callable"
+    "The model `arch` names: a timm model (fastslim's zoo included), a torchvision classification model ('torchvision/NAME' where timm has NAME too), or an allowed callable"
     if not isinstance(arch, str) or not arch: raise ValueError(f"meta.json's 'arch' must name an architecture, got {arch!r}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"meta.json's 'kwargs' must be an object of keyword arguments, got {kwargs!r}")
@@ -472,11 +472,13 @@ def _build_arch(arch, kwargs, allow=(), trust_code=False):
     import timm
     try: importlib.import_module('fastslim.models')   # registers fastslim's architectures with timm
     except ImportError: pass
-    if timm.is_model(arch):
+    src, _, name = arch.rpartition('/') if arch.startswith(('timm/', 'torchvision/')) else ('', '', arch)
+    arch = name   # 'timm/NAME' or 'torchvision/NAME' where both libraries have NAME (plain NAME: timm's first)
+    if src != 'torchvision' and timm.is_model(arch):
         bad = [k for k in kwargs if k in _TIMM_REFUSED]
         if bad: raise ValueError(f"meta.json's 'kwargs' for {arch!r} may not set {bad} (they load weights or files)")
         return timm.create_model(arch, pretrained=False, **kwargs)
-    if arch in _torchvision_models():
+    if src != 'timm' and arch in _torchvision_models():
         import torchvision
         ic = kwargs.pop('in_chans', 3)   # timm's name for the input channels: torchvision's classifiers take 3
         if ic != 3: raise ValueError(f"torchvision's {arch!r} takes 3 input channels, but meta.json asks for `in_chans`={ic!r}")
