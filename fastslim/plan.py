@@ -495,14 +495,20 @@ def _create_weight_mask(module, state_dict, prefix, *args):
     if k in state_dict and not hasattr(module, _wmask_buf):
         module.register_buffer(_wmask_buf, torch.ones_like(module.weight, dtype=torch.bool))
 
-def _mask_hooks(plan):
-    "Load hooks that keep the stricter of a checkpoint's masks and the live plan's own, while the plan is hard"
-    ref = weakref.ref(plan)
-    def live():
-        p = ref()
+class _MaskLoadHook:
+    "A load hook tied to a live plan by a weak reference; a pickled copy (`learn.export`) is inert"
+    def __init__(self, plan): self.ref = weakref.ref(plan)
+    def __getstate__(self): return {}
+    def __setstate__(self, d): self.ref = None
+    def live(self):
+        "The plan, while it is the live plan of its model and hard"
+        p = self.ref() if self.ref is not None else None
         return p if p is not None and p.hard and _registry.get(p.model) is p else None
-    def pre(module, state_dict, prefix, *args):
-        p = live()
+
+class _KeepStricter(_MaskLoadHook):
+    "Pre-hook: a checkpoint's mask never un-prunes a channel (or weight) the live hard plan's current mask removes"
+    def __call__(self, module, state_dict, prefix, *args):
+        p = self.live()
         if p is None: return
         for b in (_keep_buf, _wmask_buf):
             k, cur = prefix + b, getattr(module, b, None)
@@ -511,10 +517,12 @@ def _mask_hooks(plan):
             v = v.to(cur.device)
             if (v & ~cur).any(): p._tightened = True   # an older checkpoint: it would un-prune what a later step removed
             state_dict[k] = v & cur
-    def post(module, incompatible):
-        p = live()
-        if p is not None and getattr(p, '_tightened', False): p._tightened = False; p.apply()   # re-zero what the checkpoint held
-    return pre, post
+
+class _Reapply(_MaskLoadHook):
+    "Post-hook: re-zero the masked weights an older checkpoint brought back"
+    def __call__(self, module, incompatible):
+        p = self.live()
+        if p is not None and getattr(p, '_tightened', False): p._tightened = False; p.apply()
 
 def plan_of(model:nn.Module):
     "The `SlimPlan` last built on `model` (None if there is none)"
@@ -624,7 +632,7 @@ class SlimPlan:
                 warnings.warn(f"{e}: kept the {len(self.groups)} groups found so far")
                 self.skipped['(rest of the model)'] = f"not grouped: {e}"
         for g in self.groups: g._register()
-        pre, post = _mask_hooks(self)
+        pre, post = _KeepStricter(self), _Reapply(self)
         for m in model.modules():
             if isinstance(m, self.root_types): m.register_load_state_dict_pre_hook(_create_weight_mask)
             if isinstance(m, self.root_types) or hasattr(m, _keep_buf): m.register_load_state_dict_pre_hook(pre)

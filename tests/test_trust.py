@@ -223,3 +223,14 @@ def test_save_slim_is_atomic(tmp_path, monkeypatch):
     save_slim(model, path)
     assert os.listdir(tmp_path) == ['slim.pt'] and isinstance(load_slim(path, small_cnn), nn.Module)
     with pytest.raises(ValueError, match='folder that does not exist'): save_slim(model, tmp_path/'no'/'slim.pt')
+
+def test_masked_model_with_load_hooks_still_pickles():
+    "The hooks that keep later masks are picklable (`learn.export`), and inert in the unpickled copy"
+    model = randomize_bn(small_cnn()).eval()
+    plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=0.5).apply()
+    f = io.BytesIO(); torch.save(model, f); f.seek(0)
+    copy_ = torch.load(f, weights_only=False)
+    dense = {k: torch.ones_like(v) if k.endswith('slim_keep') else v for k, v in model.state_dict().items()}
+    copy_.load_state_dict(dense)                                          # no live plan there: loaded as it is
+    assert all(v.all() for k, v in copy_.state_dict().items() if k.endswith('slim_keep'))
