@@ -23,7 +23,7 @@ thread) and CPU seconds of the row.
     python bench/peers.py                                   # the full grid: 2 nets x 2 optimizers x 3 targets x 2 seeds
     python bench/peers.py --nets vgg --opts sgd adam --targets 0.1 --seeds 0 --width 0.5
 """
-import argparse, copy, datetime, time, warnings, sys
+import argparse, copy, datetime, json, time, warnings, sys
 from functools import partial
 from pathlib import Path
 import numpy as np, torch
@@ -198,7 +198,9 @@ def main():
     for net in a.nets:
         for opt in a.opts:
             for seed in a.seeds:
-                rows += run_one(net, opt, seed, a.targets, a, dls, x)
+                new = run_one(net, opt, seed, a.targets, a, dls, x)
+                rows += new
+                for r in new: print('# row ' + json.dumps(r), flush=True)   # every row as it lands: a long run can be cut short
                 print(f"# done {net} {opt} seed {seed}", flush=True)
     print(table(rows))
 
