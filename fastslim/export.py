@@ -187,10 +187,16 @@ def _batch_inputs(b, n_inp):
     "The first `n_inp` tensors of a batch (a tensor, or a tuple such as (x, y))"
     return (b,) if isinstance(b, (torch.Tensor, np.ndarray)) else tuple(b)[:n_inp]
 
+def _loaders(o):
+    "True for fastai `DataLoaders` (a fastai `DataLoader` also answers `.train`/`.valid`, through its dataset)"
+    from fastai.data.core import DataLoaders
+    return isinstance(o, DataLoaders)
+
 def calib_batches(calib, n_inp:int=1, n_batches:int=8):
-    "Up to `n_batches` input batches (tuples of float32 arrays) from a Learner, DataLoaders, DataLoader or iterable"
+    "Up to `n_batches` input batches (tuples of float32 arrays) from a Learner, DataLoaders, DataLoader or iterable; fastai loaders in order, so int8 is reproducible"
     if hasattr(calib, 'dls'): calib = calib.dls
-    if hasattr(calib, 'train') and hasattr(calib, 'valid'): calib = calib.train
+    if _loaders(calib): calib = calib.train
+    if hasattr(calib, 'new') and getattr(calib, 'shuffle', False): calib = calib.new(shuffle=False)
     if isinstance(calib, (torch.Tensor, np.ndarray)): calib = [calib]
     res = []
     for b in calib:
@@ -261,7 +267,7 @@ def onnx_accuracy(path, # an .onnx file
                   dl, # a DataLoader of (inputs..., target) batches, or DataLoaders (its `valid` is used)
                  )->float:
     "Top-1 accuracy of the ONNX model at `path` on `dl`, run by onnxruntime"
-    if hasattr(dl, 'valid') and hasattr(dl, 'train'): dl = dl.valid
+    if _loaders(dl): dl = dl.valid
     sess = ort_session(path, threads=0)   # all cores: accuracy is not timed
     n_inp = len(sess.get_inputs())
     correct = total = 0
@@ -344,7 +350,7 @@ def onnx_latency(path, # an .onnx file (or an onnxruntime session)
 # %% ../nbs/60_export.ipynb #2031ce03
 def torch_accuracy(model:nn.Module, dl)->float:
     "Top-1 accuracy of `model` on a DataLoader `dl` of (inputs..., target) batches (DataLoaders: its `valid`)"
-    if hasattr(dl, 'valid') and hasattr(dl, 'train'): dl = dl.valid
+    if _loaders(dl): dl = dl.valid
     correct = total = 0
     with torch.inference_mode(), eval_mode(model):
         dev = model_device(model)
@@ -392,7 +398,7 @@ def deploy_report(models:dict, # {name: nn.Module, or path of an .onnx file}; th
                  )->DeployReport:
     "Measure file size, median CPU latency at each batch size in `bs` and accuracy of each of `models`"
     if not models: raise ValueError("`models` must name at least one model")
-    if hasattr(dl, 'valid') and hasattr(dl, 'train'): dl = dl.valid
+    if _loaders(dl): dl = dl.valid
     x = _rows_of(dl, max(bs))
     rows = []
     for name, m in models.items():

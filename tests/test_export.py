@@ -6,6 +6,7 @@ from torch import nn
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastslim.data import digits_dls
+from fastai.torch_core import set_seed
 from fastslim.export import *
 from fastslim.export import export as export_cli
 
@@ -19,7 +20,7 @@ def small_cnn():
 
 @pytest.fixture(scope='module')
 def learn():
-    torch.manual_seed(0)
+    set_seed(0)   # python's, numpy's and torch's generators: fastai's loaders shuffle with python's, which earlier tests move
     learn = Learner(digits_dls(bs=64), small_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 1e-2)
     return learn
