@@ -16,19 +16,25 @@ from .core import check_ratio, check_open_fraction, check_positive, example_batc
 __all__ = ['build_model', 'slim', 'run_command', 'main']
 
 # %% ../nbs/90_cli.ipynb #f8fcc4a9
+def _split_arch(arch:str):
+    "(library, name) of `arch`: 'timm/NAME' or 'torchvision/NAME' pick the library, a plain NAME is timm's when timm has it"
+    import timm
+    src, _, name = arch.partition('/') if arch.startswith(('timm/', 'torchvision/')) else ('', '', arch)
+    return src or ('timm' if timm.is_model(name) else 'torchvision'), name
+
 def build_model(arch:str, num_classes:int, in_channels:int):
-    "A freshly initialised `arch`: a fastslim or timm model name, or a torchvision model name"
+    "A freshly initialised `arch`: a fastslim or timm model name, or a torchvision one (`torchvision/NAME` where timm has NAME too)"
     import timm, torchvision
-    if timm.is_model(arch): return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
-    if arch in torchvision.models.list_models(module=torchvision.models):
+    src, arch = _split_arch(arch)
+    if src == 'timm' and timm.is_model(arch): return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    if src == 'torchvision' and arch in torchvision.models.list_models(module=torchvision.models):
         if in_channels != 3: raise ValueError(f"torchvision model {arch!r} needs 3 input channels")
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     raise ValueError(f"`arch` must be a fastslim, timm or torchvision model name, got {arch!r}")
 
 def _arch_kwargs(arch:str, num_classes:int, in_channels:int):
     "The constructor keywords `build_model` passes for `arch`, as `meta.json` records them (torchvision takes no `in_chans`)"
-    import timm
-    return dict(num_classes=num_classes, in_chans=in_channels) if timm.is_model(arch) else dict(num_classes=num_classes)
+    return dict(num_classes=num_classes, in_chans=in_channels) if _split_arch(arch)[0] == 'timm' else dict(num_classes=num_classes)
 
 def _check_count(v, name, low=0, none_ok=False):
     "`v` if it is a whole number >= `low` (or None when `none_ok`), else a `ValueError` naming the option"

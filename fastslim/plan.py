@@ -969,8 +969,17 @@ from fastai.callback.core import Callback
 class MaskCallback(Callback):
     "Keep the plan's masked weights at zero during `fit` (hard mode), or leave them free to regrow (soft mode)"
     order = 5   # before MixedPrecision (10) steps the optimizer in `before_step`, so gradients are masked first
-    def __init__(self, plan:SlimPlan): self.plan = plan
+    def __init__(self, plan:SlimPlan):
+        if not isinstance(plan, SlimPlan): raise ValueError(f"`plan` must be a SlimPlan, got {type(plan).__name__}")
+        self.plan, self.hard = plan, plan.hard
+    def __getstate__(self):
+        "Pickled (by `learn.export`) without the plan: the masks are buffers of the model, and `before_fit` finds them again"
+        return {**self.__dict__, 'plan': None, 'hard': self.plan.hard if self.plan is not None else self.hard}
     def before_fit(self):
+        if self.plan is None or self.plan.model is not self.learn.model:   # after `load_learner`, or a new model
+            from .core import example_batch
+            self.plan = plan_of(self.learn.model) or SlimPlan(self.learn.model, example_batch(self.learn.dls))
+            self.plan.hard = self.hard
         self.plan.apply(getattr(self.learn, 'opt', None), filters_only=not self.plan.hard)
     def before_step(self):
         if self.plan.hard: self.plan.mask_grads()

@@ -111,6 +111,9 @@ def _plan_for(self:PruneCallback, learn:Learner):
 def _prune_step(self:PruneCallback, frac:float):
     "Select and apply masks for fraction `frac` of the final target"
     plan, dls = self.plan, self.learn.dls
+    if self.granularity == 'channel' and not plan.groups:
+        why = '; '.join(f'{k}: {v}' for k, v in list(plan.skipped.items())[:3]) or 'no conv or linear layer feeds another'
+        raise ValueError(f"{type(plan.model).__name__} has no channel group PruneCallback can prune ({why})")
     scores = self.crit.scores(plan, dls)
     kw = dict(min_keep=self.min_keep) if self.min_keep is not None and self.granularity == 'channel' else {}
     if self.granularity == 'weight': plan.prune_weights(self.ratio * frac, scores=scores, scope=self.scope)

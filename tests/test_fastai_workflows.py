@@ -221,3 +221,27 @@ def test_export_with_block_sparsity(tmp_path):
     l2 = load_learner(tmp_path/'export.pkl')
     x = example_batch(learn.dls)
     with torch.no_grad(): assert torch.allclose(l2.model.eval()(*x), learn.model.eval()(*x), atol=1e-5)
+
+def test_export_with_mask_callback_keeps_masks(tmp_path):
+    "A learner holding `MaskCallback` exports, loads, and keeps its masked channels at zero in a later fit"
+    from fastslim.plan import MaskCallback
+    dls = digits_dls()
+    m = timm.create_model('fastslim_vgg_tiny', num_classes=10)
+    plan = SlimPlan(m, example_batch(dls)); plan.select(plan.l1_scores(), ratio=0.5)
+    learn = Learner(dls, m, metrics=accuracy, cbs=[MaskCallback(plan)], path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    learn.export()
+    l2 = load_learner(tmp_path/'export.pkl'); l2.dls = dls
+    with l2.no_bar(), l2.no_logging(): l2.fit(1, 1e-2)
+    cb = next(c for c in l2.cbs if isinstance(c, MaskCallback))
+    assert [g.n_keep for g in cb.plan.groups] == [g.n_keep for g in plan.groups]
+    for g in cb.plan.groups:
+        w = g.root.weight.detach()
+        assert bool((w[~g.keep] == 0).all()) and bool((w[g.keep] != 0).any())
+
+def test_prune_callback_without_prunable_groups_is_a_clear_error():
+    "A model with no channel group gives one error naming the model, before any weight changes"
+    learn = Learner(digits_dls(), nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), loss_func=CrossEntropyLossFlat())
+    sd = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match='no channel group'): PruneCallback(ratio=0.5).prune_now(learn)
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in sd.items())
