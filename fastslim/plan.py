@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/plan.html.md"""
 
 # %% ../nbs/02_plan.ipynb #33bda69b
 from __future__ import annotations
-import copy, ctypes, math, os, tempfile, time, types, warnings, weakref, threading
+import copy, ctypes, importlib, math, os, tempfile, time, types, warnings, weakref, threading
 from pathlib import Path
 from contextlib import contextmanager
 from functools import reduce
@@ -20,7 +20,8 @@ from .core import *
 
 # %% auto #0
 __all__ = ['PlanError', 'PlanTimeout', 'PlanMemoryError', 'ChannelGroup', 'attention_layers', 'cross_channel_norms', 'plan_of',
-           'SlimPlan', 'MaskCallback', 'replay', 'copy_model', 'PlanSummary', 'save_slim', 'load_slim']
+           'SlimPlan', 'MaskCallback', 'replay', 'copy_model', 'PlanSummary', 'register_edit', 'record_edit',
+           'save_slim', 'load_slim']
 
 # %% ../nbs/02_plan.ipynb #e0733cd4
 class PlanError(RuntimeError):
@@ -1324,6 +1325,24 @@ def _atomic_save(obj, path):
         raise
     return path
 
+_EDITS, _EDIT_OWNERS = {}, {'branch_scales': 'fastslim.sparsity', 'dead_blocks': 'fastslim.sparsity'}
+
+def register_edit(name:str, fn):
+    "Teach `load_slim` to redo a structural edit recorded in `model.slim_edits` as `[name, names]`: `fn(model, names)`"
+    _EDITS[name] = fn
+
+def record_edit(model:nn.Module, name:str, names:list):
+    "Record on `model` that edit `name` was applied to the modules `names`, so `save_slim` writes it and `load_slim` redoes it"
+    model.slim_edits = [*getattr(model, 'slim_edits', []), [name, [str(n) for n in names]]]
+
+def _redo_edits(model, edits):
+    "Apply the recorded `edits` to a freshly built `model`, in order"
+    for name, names in edits:
+        if name not in _EDITS and name in _EDIT_OWNERS: importlib.import_module(_EDIT_OWNERS[name])   # registers it
+        if name not in _EDITS: raise ValueError(f"unknown structural edit {name!r} (known: {sorted(_EDITS)})")
+        _EDITS[name](model, names)
+    model.slim_edits = [list(e) for e in edits]
+
 def save_slim(model_or_learner, path):
     "Save a compacted or masked model as plan + `state_dict` (no pickled classes); the file is written atomically"
     model = getattr(model_or_learner, 'model', model_or_learner)
@@ -1336,7 +1355,8 @@ def save_slim(model_or_learner, path):
         extra = dict(min_keep=plan.min_keep, ignored=ignored, skipped=[[k, str(v)] for k, v in plan.skipped.items()])
     else:
         hist, shapes, kind, extra = getattr(model, 'slim_history', []), getattr(model, 'slim_example_shape', None), 'compact', {}
-    _atomic_save(dict(format=_fmt, kind=kind, history=[[n, list(i)] for n, i in hist], example_shape=shapes,
+    edits = getattr(model, 'slim_edits', [])   # block edits (Sparse Structure Selection), redone before the history
+    _atomic_save(dict(format=_fmt, kind=kind, history=[[n, list(i)] for n, i in hist], example_shape=shapes, edits=edits,
                       state_dict=model.state_dict(), **extra), path)
     return path
 
@@ -1362,6 +1382,10 @@ def _read_slim(path):
     h = d.get('history')
     if not isinstance(h, list) or not all(isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) and _is_ints(e[1]) for e in h):
         raise bad("`history` is not a list of [layer name, [channel indices]]")
+    e = d.get('edits', [])
+    if not isinstance(e, list) or not all(isinstance(o, (list, tuple)) and len(o) == 2 and isinstance(o[0], str) and isinstance(o[1], (list, tuple))
+                                         and all(isinstance(n, str) for n in o[1]) for o in e):
+        raise bad("`edits` is not a list of [edit name, [module names]]")
     s = d.get('example_shape')
     if s is not None and not (isinstance(s, (list, tuple)) and all(_is_ints(o) and all(i >= 0 for i in o) for o in s)):
         raise bad(f"`example_shape` is not a list of input shapes: {s!r}")
@@ -1392,6 +1416,7 @@ def load_slim(path, # a file written by `save_slim`
     if example is None and d['example_shape']: example = tuple(torch.zeros(s) for s in d['example_shape'])
     what = "the model `model_fn` builds is not the architecture saved in"
     try:
+        if d.get('edits'): _redo_edits(model, d['edits'])
         if d['kind'] == 'compact':
             if d['history']: replay(model, example, [(n, i) for n, i in d['history']])
             model.slim_history = [(n, i) for n, i in d['history']]

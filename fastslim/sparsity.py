@@ -17,6 +17,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 from fastai.callback.fp16 import MixedPrecision
 from .core import check_choice, check_ratio, model_device
+from .plan import record_edit, register_edit
 from .schedule import Schedule, Constant, check_window
 from .models import ResidualBlock
 import torchvision.models.resnet as tv_resnet
@@ -524,12 +525,13 @@ def residual_blocks(model:nn.Module, blocks=None):
 
 def add_branch_scales(model:nn.Module, blocks=None):
     "Wrap the end of each residual branch of `model` (or of `blocks`) in a `BranchScale`; returns {block name: BranchScale}"
-    res = {}
+    res, new = {}, []
     for n, b in residual_blocks(model, blocks).items():
         path = _end_path(b)
         m = b.get_submodule(path)
-        if not isinstance(m, BranchScale): _set_sub(b, path, BranchScale(m))
+        if not isinstance(m, BranchScale): _set_sub(b, path, BranchScale(m)); new.append(n)
         res[n] = b.get_submodule(path)
+    if new: record_edit(model, 'branch_scales', new)   # `save_slim` writes it, `load_slim` redoes it
     return res
 
 def branch_scales(model:nn.Module):
@@ -537,18 +539,30 @@ def branch_scales(model:nn.Module):
     return {n: float(b.get_submodule(_end_path(b)).scale.detach()) for n, b in residual_blocks(model).items()
             if isinstance(b.get_submodule(_end_path(b)), BranchScale)}
 
-def remove_dead_blocks(model:nn.Module):
-    "A copy of `model` in which every block whose branch scale is exactly 0 is replaced by its shortcut and activation"
-    new = deepcopy(model)
-    for n, b in list(residual_blocks(new).items()):
-        s = b.get_submodule(_end_path(b))
-        if not n or not isinstance(s, BranchScale) or bool((s.scale != 0).any()): continue
+def _to_shortcuts(model:nn.Module, names):
+    "Replace the blocks `names` of `model` by their shortcut and activation"
+    blocks = residual_blocks(model)
+    for n in names:
+        b = blocks.get(n)
+        if b is None: raise ValueError(f"`names`: {n!r} is not a residual block of {type(model).__name__}")
         _, short, act = _spec(b)
         act = deepcopy(getattr(b, act)) if act and getattr(b, act) is not None else None
         if hasattr(act, 'inplace'): act.inplace = False   # the input may be the previous block's output
         parent, _, attr = n.rpartition('.')
-        setattr(new.get_submodule(parent), attr, ShortcutBlock(getattr(b, short) if short else None, act))
+        setattr(model.get_submodule(parent), attr, ShortcutBlock(getattr(b, short) if short else None, act))
+    return model
+
+def remove_dead_blocks(model:nn.Module):
+    "A copy of `model` in which every block whose branch scale is exactly 0 is replaced by its shortcut and activation"
+    new = deepcopy(model)
+    dead = [n for n, b in residual_blocks(new).items() if n and isinstance(b.get_submodule(_end_path(b)), BranchScale)
+            and not bool((b.get_submodule(_end_path(b)).scale != 0).any())]
+    _to_shortcuts(new, dead)
+    if dead: record_edit(new, 'dead_blocks', dead)   # `save_slim` writes it, `load_slim` redoes it
     return new
+
+register_edit('branch_scales', lambda model, names: add_branch_scales(model, list(names)))
+register_edit('dead_blocks', _to_shortcuts)
 
 # %% ../nbs/20_sparsity.ipynb #536ebb7b
 class _ScaleOpt:

@@ -186,3 +186,16 @@ def test_sparsity_guard_warns_and_strict_stops(tmp_path, monkeypatch):
     with pytest.raises(fastslim.slim.SlimGuardError, match='points'): _slim(learn, 'slimming', strict=True, path=tmp_path, **kw)
     assert (tmp_path/'dense.pt').exists() and (tmp_path/'sparse.pt').exists() and not (tmp_path/'prune.pt').exists()
     assert _same(sd, _state(learn.model))
+
+def test_sss_slim_model_saves_and_loads(tmp_path):
+    "A Sparse Structure Selection result (branch scales, dead blocks replaced by shortcuts) loads back from `save_slim`, as `fastslim export` needs"
+    from fastslim.plan import save_slim, load_slim
+    from fastslim.sparsity import ShortcutBlock
+    make = lambda: ResNet(depth=14, in_channels=1, stem_width=8, stage_widths=[8, 16, 32])
+    learn = _dense(0, 1, model=make())
+    _slim(learn, 'sss', ratio=0.5, sparse_epochs=1, prune_epochs=0, finetune_epochs=1)
+    assert any(isinstance(m, ShortcutBlock) for m in learn.model.modules())
+    save_slim(learn.model, tmp_path/'slim.pt')
+    back = load_slim(tmp_path/'slim.pt', make)
+    x = learn.dls.one_batch()[0][:4]
+    with torch.no_grad(): assert torch.equal(back.eval()(x), learn.model.eval()(x))
