@@ -88,8 +88,13 @@ def test_bad_input_before_any_weight_changes(dls):
     for kw, word in [(dict(ratio=1.0), '`ratio`'), (dict(ratio=-1), '`ratio`'), (dict(), 'exactly one'),
                      (dict(ratio=.5, target_macs=.5), 'exactly one'), (dict(target_macs=1.), '`target_macs`'),
                      (dict(ratio=.5, schedule='x'), '`schedule`'), (dict(ratio=.5, scope='x'), '`scope`'),
-                     (dict(ratio=.5, rewind_epoch=-1), '`rewind_epoch`'), (dict(ratio=.5, start=.8, end=.2), 'start')]:
+                     (dict(ratio=.5, rewind_epoch=-1), '`rewind_epoch`'), (dict(ratio=.5, start=.8, end=.2), 'start'),
+                     (dict(ratio=.5, min_keep=-1), '`min_keep`'), (dict(ratio=.5, min_keep=float('nan')), '`min_keep`'),
+                     (dict(ratio=.5, min_keep=1.5), '`min_keep`'), (dict(ratio=.5, soft='x'), '`soft`'),
+                     (dict(ratio=.5, verify='x'), '`verify`')]:
         with pytest.raises(ValueError, match=word): PruneCallback(criterion=l1, **kw)
+    from fastslim.plan import MaskCallback
+    with pytest.raises(ValueError, match='`plan`'): MaskCallback(None)
 
 def test_scratch_baselines(dls):
     cb = PruneCallback(ratio=0.5, criterion=l1, scope='local', compact_at_end=True)
