@@ -131,7 +131,7 @@ def export_onnx(model_or_learner, # an nn.Module, or a Learner (its model, and o
                 path, # the .onnx file to write
                 example=None, # an input batch (tensor or tuple of tensors); taken from `learn.dls` for a Learner
                 opset:int=OPSET, # the ONNX opset to target
-                rtol:float=1e-4, # largest accepted difference from PyTorch, relative to the largest output
+                rtol:float=1e-3, # largest accepted difference from PyTorch, relative to the largest output (fp32 kernels of two runtimes differ by ~1e-4 on deep nets; an export bug by O(1))
                 **kwargs, # passed to `torch.onnx.export` (e.g. `custom_translation_table`)
                )->OnnxExport:
     "Export an eval copy of the model to one self-contained ONNX file with a dynamic batch, checked with onnxruntime"
