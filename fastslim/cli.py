@@ -10,7 +10,8 @@ import sys, json, os, contextlib
 from pathlib import Path
 import torch
 from fastcore.script import call_parse, parse_cli, CliError
-from .core import check_ratio, check_open_fraction, check_positive, example_batch
+from .checks import check_ratio, check_open_fraction, check_positive, check_nonneg
+from .core import example_batch
 
 # %% auto #0
 __all__ = ['build_model', 'slim', 'run_command', 'main']
@@ -97,8 +98,7 @@ def slim(
     _check_count(sparse_epochs, 'sparse_epochs', none_ok=True); _check_count(bs, 'bs', 1); _check_count(size, 'size', 1, none_ok=True)
     check_positive(lr, 'lr')
     if reg is not None:
-        from fastslim.sparsity import check_reg
-        check_reg(reg)
+        check_nonneg(reg, 'reg')
     if target_macs is None and ratio is None: target_macs = 0.25
     if ratio is not None and target_macs is not None: raise ValueError("give only one of --ratio and --target-macs")
     if target_macs is not None: check_open_fraction(target_macs, 'target_macs')

@@ -1,4 +1,4 @@
-"""Checks on user input and the measurements every other module reports: parameters, MACs, size and CPU latency.
+"""The measurements every other module reports (parameters, MACs, size, CPU latency, top-1 accuracy), the batch helpers, and fastslim's defaults.
 
 Docs: https://fastslim.github.io/fastslim/core.html.md"""
 
@@ -7,49 +7,15 @@ Docs: https://fastslim.github.io/fastslim/core.html.md"""
 # %% ../nbs/00_core.ipynb #086852c8
 from __future__ import annotations
 import io, math, time, statistics, contextlib
+from types import SimpleNamespace
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import *
 
 # %% auto #0
-__all__ = ['check_ratio', 'check_open_fraction', 'check_positive', 'check_bool', 'check_choice', 'model_device', 'plain',
-           'as_inputs', 'split_batch', 'example_batch', 'count_params', 'eval_mode', 'macs_by_module', 'count_macs',
-           'state_size', 'cpu_latency']
-
-# %% ../nbs/00_core.ipynb #350e9ecf
-def check_ratio(value, name='ratio'):
-    "Return `value` as a float if it is a fraction in [0, 1), else raise a `ValueError` naming `name`"
-    try: v = float(value)
-    except (TypeError, ValueError): raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}") from None
-    if not (math.isfinite(v) and 0 <= v < 1): raise ValueError(f"`{name}` must be a fraction in [0, 1), got {value!r}")
-    return v
-
-# %% ../nbs/00_core.ipynb #b11cd54c
-def check_open_fraction(value, name='target'):
-    "Return `value` as a float if it lies in the open interval (0, 1), else raise a `ValueError` naming `name`"
-    try: v = float(value)
-    except (TypeError, ValueError): raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}") from None
-    if not (math.isfinite(v) and 0 < v < 1): raise ValueError(f"`{name}` must lie in (0, 1), got {value!r}")
-    return v
-
-# %% ../nbs/00_core.ipynb #575c26b1
-def check_positive(value, name):
-    "Return `value` as a float if it is a finite number > 0, else raise a `ValueError` naming `name`"
-    try: v = float(value)
-    except (TypeError, ValueError): raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}") from None
-    if isinstance(value, bool) or not (math.isfinite(v) and v > 0): raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-    return v
-
-def check_bool(value, name):
-    "Return `value` if it is True or False, else raise a `ValueError` naming `name`"
-    if not isinstance(value, bool): raise ValueError(f"`{name}` must be True or False, got {value!r}")
-    return value
-
-def check_choice(value, choices, name):
-    "Return `value` if it is one of `choices`, else raise a `ValueError` listing them"
-    if value not in choices: raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
-    return value
+__all__ = ['model_device', 'plain', 'as_inputs', 'split_batch', 'example_batch', 'count_params', 'eval_mode', 'top1',
+           'macs_by_module', 'count_macs', 'state_size', 'cpu_latency']
 
 # %% ../nbs/00_core.ipynb #5222c46e
 def model_device(model:nn.Module):
@@ -85,6 +51,13 @@ def count_params(model:nn.Module, trainable:bool=False):
     "Number of parameters of `model` (only those requiring grad if `trainable`)"
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
+# %% ../nbs/00_core.ipynb #54628501
+defaults = SimpleNamespace(
+    min_keep = 0.1,     # share (or count) of channels every group keeps: a global threshold never empties a layer
+    verify   = 'auto',  # compare the compacted model's outputs with the masked one ('runs' only with LayerNorm/GroupNorm)
+    reg      = None,    # sparsity strength: None steers it to the pruning budget
+)
+
 # %% ../nbs/00_core.ipynb #8694401a
 @contextlib.contextmanager
 def eval_mode(model:nn.Module):
@@ -94,6 +67,19 @@ def eval_mode(model:nn.Module):
     try: yield model
     finally:
         for m, t in modes.items(): m.training = t
+
+# %% ../nbs/00_core.ipynb #29968453
+def top1(model:nn.Module, dl, n_inp:int|None=None)->float:
+    "Top-1 accuracy of `model` on the batches of `dl` (a fastai `DataLoaders`: its `valid`), inputs split as fastai splits them"
+    if hasattr(dl, 'valid') and hasattr(dl, 'train'): n_inp, dl = getattr(dl, 'n_inp', n_inp) if n_inp is None else n_inp, dl.valid
+    if n_inp is None: n_inp = getattr(dl, 'n_inp', None)
+    correct = total = 0
+    with torch.inference_mode(), eval_mode(model):
+        dev = model_device(model)
+        for b in dl:
+            xs, (y, *_) = split_batch(b, n_inp)
+            correct += int((model(*(o.to(dev) for o in xs)).argmax(-1).cpu() == plain(y).cpu()).sum()); total += len(y)
+    return correct / max(total, 1)
 
 # %% ../nbs/00_core.ipynb #4df997c0
 def macs_by_module(model:nn.Module, x):

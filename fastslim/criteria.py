@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import *
 from .core import *
+from .checks import *
 from .plan import SlimPlan, _min_keep, _unit_scores
 
 # %% auto #0

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from fastai.data.core import DataLoaders
 from fastai.vision.all import ImageDataLoaders, untar_data, URLs, Resize, Normalize, imagenet_stats, aug_transforms
 from fastai.losses import CrossEntropyLossFlat
-from .core import check_choice
+from .checks import check_choice
 
 # %% auto #0
 __all__ = ['ImageTensors', 'tensor_dls', 'digits_dls', 'digits_folder', 'npz_dls', 'get_dls']

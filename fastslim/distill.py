@@ -15,7 +15,8 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import Hooks
 from fastai.torch_core import to_device
-from .core import check_choice, model_device, eval_mode, example_batch
+from .checks import check_choice
+from .core import model_device, eval_mode, example_batch
 
 # %% auto #0
 __all__ = ['feature_losses', 'default_feature_weights', 'kd_loss', 'dkd_loss', 'attention_map', 'at_loss', 'similarity_matrix',

@@ -13,6 +13,7 @@ from torch import nn
 from fastcore.basics import *
 from fastcore.script import call_parse
 from .core import *
+from .checks import *
 
 # %% auto #0
 __all__ = ['OPSET', 'OPSET_MIN', 'import_export_deps', 'check_opset', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport',

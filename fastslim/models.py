@@ -21,7 +21,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.callback.schedule import ParamScheduler
 from timm.models import register_model, is_model, create_model
-from .core import check_choice, count_params
+from .checks import check_choice
+from .core import count_params
 
 # %% auto #0
 __all__ = ['VGG_CFGS', 'VGG_TINY_CFG', 'ZOO', 'PRESETS', 'ConvBnAct', 'BnActConv', 'ResidualBlock', 'basic_block',

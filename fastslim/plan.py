@@ -17,6 +17,7 @@ from torch import nn
 from fastcore.basics import *
 from fastcore.meta import delegates
 from .core import *
+from .checks import *
 
 # %% auto #0
 __all__ = ['PlanError', 'PlanTimeout', 'PlanMemoryError', 'ChannelGroup', 'attention_layers', 'cross_channel_norms', 'plan_of',

@@ -14,6 +14,7 @@ from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import *
+from .checks import *
 from .plan import SlimPlan, plan_of
 from .schedule import PruneSchedule, OneShot, Iterative, AGP
 

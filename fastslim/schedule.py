@@ -8,22 +8,10 @@ Docs: https://fastslim.github.io/fastslim/schedule.html.md"""
 from __future__ import annotations
 import math
 import numpy as np
+from .checks import check_window
 
 # %% auto #0
-__all__ = ['check_window', 'Schedule', 'RegSchedule', 'Constant', 'LinearDecay', 'WarmUp', 'PruneSchedule', 'Iterative', 'AGP',
-           'OneShot']
-
-# %% ../nbs/05_schedule.ipynb #ff1bb607
-def check_window(start, end):
-    "`(start, end)` as floats if they are fractions of training with `0 <= start < end <= 1`, else a `ValueError`"
-    vals = []
-    for v, name in ((start, 'start'), (end, 'end')):
-        try: f = float(v)
-        except (TypeError, ValueError): raise ValueError(f"`{name}` must be a fraction of training in [0, 1], got {v!r}") from None
-        if not (math.isfinite(f) and 0 <= f <= 1): raise ValueError(f"`{name}` must be a fraction of training in [0, 1], got {v!r}")
-        vals.append(f)
-    if vals[0] >= vals[1]: raise ValueError(f"`start` must be smaller than `end`, got start={start!r}, end={end!r}")
-    return tuple(vals)
+__all__ = ['Schedule', 'RegSchedule', 'Constant', 'LinearDecay', 'WarmUp', 'PruneSchedule', 'Iterative', 'AGP', 'OneShot']
 
 # %% ../nbs/05_schedule.ipynb #e0da8d4a
 class Schedule:

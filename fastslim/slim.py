@@ -13,12 +13,13 @@ from torch import nn
 from fastcore.basics import *
 from fastai.learner import Learner
 from .core import *
+from .checks import *
 from .plan import SlimPlan, MaskCallback, plan_of, save_slim
 from .prune import PruneCallback, recalibrate_bn
 from .distill import DistillCallback
 from .distill import DistillCallback as _distill_cb   # checks the options up front
 from .report import SlimReport, measure, conv_widths
-from .sparsity import bn_scales, check_reg, sparsity_callback
+from .sparsity import bn_scales, sparsity_callback
 
 # %% auto #0
 __all__ = ['METHODS', 'accuracy_of', 'effective_macs', 'epoch_lines', 'SlimRun', 'SlimGuardError']
@@ -139,7 +140,7 @@ def slim(self:Learner,
     lr = check_positive(lr, 'lr')
     for v, n in ((distill, 'distill'), (resume, 'resume'), (measure_speed, 'measure_speed'), (strict, 'strict')): check_bool(v, n)
     tolerance = check_ratio(tolerance, 'tolerance')
-    if reg is not None: reg = check_reg(reg)
+    if reg is not None: reg = check_nonneg(reg, 'reg')
     if resume and path is None: raise ValueError("`resume` needs the `path` of the run's checkpoints")
     dkw = {k: kwargs.pop(k) for k in ('T', 'alpha', 'loss', 'features', 'feature_loss') if k in kwargs}
     kwargs.setdefault('min_keep', 0.1)   # a global threshold never leaves a layer thinner than 10% of its width

@@ -16,26 +16,18 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 from fastai.callback.fp16 import MixedPrecision
-from .core import check_choice, check_ratio, model_device
+from .checks import *
+from .core import model_device
 from .plan import record_edit, register_edit
-from .schedule import Schedule, Constant, check_window
+from .schedule import Schedule, Constant
 from .models import ResidualBlock
 import torchvision.models.resnet as tv_resnet
 import timm.models.resnet as timm_resnet
 
 # %% auto #0
-__all__ = ['check_reg', 'as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback',
-           'SparsityCallback', 'plot_bn_scales', 'BranchScale', 'ShortcutBlock', 'register_block', 'last_leaf',
-           'residual_blocks', 'add_branch_scales', 'branch_scales', 'remove_dead_blocks', 'BlockSparsityCallback',
-           'sparsity_callback']
-
-# %% ../nbs/20_sparsity.ipynb #5d993b40
-def check_reg(value, name='reg'):
-    "`value` as a float if it is a finite number >= 0, else a `ValueError` naming `name`"
-    try: v = float(value)
-    except (TypeError, ValueError): raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}") from None
-    if not (math.isfinite(v) and v >= 0): raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return v
+__all__ = ['as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback', 'SparsityCallback',
+           'plot_bn_scales', 'BranchScale', 'ShortcutBlock', 'register_block', 'last_leaf', 'residual_blocks',
+           'add_branch_scales', 'branch_scales', 'remove_dead_blocks', 'BlockSparsityCallback', 'sparsity_callback']
 
 # %% ../nbs/20_sparsity.ipynb #dc0fa332
 def as_schedule(schedule=None, start:float=0., end:float=1.):
@@ -150,7 +142,7 @@ class PenaltyCallback(Callback):
         schedule=None,          # A `Schedule` (class or instance) scaling `reg` over training; default `Constant`
         start:float=0.,         # Fraction of training where the penalty starts
         end:float=1.,           # Fraction of training where it ends
-    ): self.reg, self.schedule = check_reg(reg), as_schedule(schedule, start, end)
+    ): self.reg, self.schedule = check_nonneg(reg, 'reg'), as_schedule(schedule, start, end)
 
     def strength(self):
         "`reg` times the schedule's value at the current point of training"
@@ -183,7 +175,6 @@ class PenaltyCallback(Callback):
 
 def _check_budget(ratio, target_macs):
     "`ratio` and `target_macs` checked: at most one, with `PruneCallback`'s ranges"
-    from fastslim.core import check_open_fraction
     if ratio is not None and target_macs is not None: raise ValueError("give at most one of `ratio` and `target_macs`")
     return (None if ratio is None else check_ratio(ratio, 'ratio'),
             None if target_macs is None else check_open_fraction(target_macs, 'target_macs'))
@@ -217,7 +208,7 @@ class SparsityCallback(PenaltyCallback):
         self.mode = check_choice(mode, {'prox', 'grad'}, 'mode')
         self.ratio, self.target_macs = _check_budget(ratio, target_macs)
         self.budget = self.ratio is not None or self.target_macs is not None
-        self.reg = check_reg(reg) if reg is not None else None if self.budget else 1e-4
+        self.reg = check_nonneg(reg, 'reg') if reg is not None else None if self.budget else 1e-4
         self.settle = _check_settle(settle)
         if not (isinstance(every, int) and every >= 1): raise ValueError(f"`every` must be an int >= 1, got {every!r}")
         if plan is not None and target != 'groups': raise ValueError("`plan` is only used with `target`='groups'")
@@ -587,12 +578,12 @@ class BlockSparsityCallback(PenaltyCallback):
         self.ratio, self.target_macs = _check_budget(ratio, target_macs)
         self.budget = self.ratio is not None or self.target_macs is not None
         reg = reg if reg is not None else None if self.budget else 0.1
-        self.reg = None if reg is None else check_reg(reg)
+        self.reg = None if reg is None else check_nonneg(reg, 'reg')
         self.schedule = as_schedule(schedule, start, end)
         try: mom = float(momentum)
         except (TypeError, ValueError): mom = float('nan')
         if not (0 <= mom < 1): raise ValueError(f"`momentum` must lie in [0, 1), got {momentum!r}")
-        if lr is not None and not (check_reg(lr, 'lr') > 0): raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}")
+        if lr is not None and not (check_nonneg(lr, 'lr') > 0): raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}")
         self.blocks, self.momentum, self.lr, self.settle = blocks, mom, lr, _check_settle(settle)
 
     @property
