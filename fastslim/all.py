@@ -12,6 +12,7 @@ from .core import *
 from .data import *
 from .plan import *
 from .distill import *
+from .blocks import *
 from .models import *
 from .schedule import *
 from .sparsity import *

@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import *
 
 # %% auto #0
-__all__ = ['model_device', 'plain', 'as_inputs', 'split_batch', 'example_batch', 'count_params', 'eval_mode', 'top1',
-           'macs_by_module', 'count_macs', 'state_size', 'cpu_latency']
+__all__ = ['model_device', 'plain', 'as_inputs', 'split_batch', 'example_batch', 'module_roots', 'in_roots', 'count_params',
+           'eval_mode', 'top1', 'macs_by_module', 'count_macs', 'state_size', 'cpu_latency']
 
 # %% ../nbs/00_core.ipynb #5222c46e
 def model_device(model:nn.Module):
@@ -45,6 +45,27 @@ def example_batch(dls, n:int|None=2):
     b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))   # a plain torch `DataLoader` has no `one_batch`
     xs, _ = split_batch(b, getattr(dls, 'n_inp', None))
     return tuple(o[:n].detach() if n else o.detach() for o in xs)
+
+# %% ../nbs/00_core.ipynb #523507f7
+def module_roots(model:nn.Module, picks=None, name:str='layers'):
+    "Names of the modules of `model` that `picks` (module names or types) selects; `['']` (the whole model) for None"
+    if picks is None: return ['']
+    named = dict(model.named_modules())
+    roots = []
+    for o in (picks if isinstance(picks, (list, tuple, set)) or type(picks).__name__ == 'L' else [picks]):
+        if isinstance(o, str):
+            if o not in named: raise ValueError(f"`{name}` names a module that does not exist: {o!r} (the model has e.g. {[n for n in named if n][:8]})")
+            roots.append(o)
+        elif isinstance(o, type) and issubclass(o, nn.Module):
+            found = [n for n, m in named.items() if isinstance(m, o)]
+            if not found: raise ValueError(f"`{name}` asks for {o.__name__} modules, but the model has none")
+            roots += found
+        else: raise ValueError(f"`{name}` must hold module names or nn.Module types, got {o!r}")
+    return roots
+
+def in_roots(name:str, roots):
+    "Whether the module called `name` is one of `roots` or lies inside one"
+    return any(r == '' or name == r or name.startswith(r + '.') for r in roots)
 
 # %% ../nbs/00_core.ipynb #ea426f86
 def count_params(model:nn.Module, trainable:bool=False):

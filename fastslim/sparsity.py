@@ -17,17 +17,15 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 from fastai.callback.fp16 import MixedPrecision
 from .checks import *
-from .core import model_device
-from .plan import record_edit, register_edit
+from .core import model_device, module_roots, in_roots
 from .schedule import Schedule, Constant
-from .models import ResidualBlock
-import torchvision.models.resnet as tv_resnet
-import timm.models.resnet as timm_resnet
+from .blocks import *
+from .blocks import block_spec, end_path
+_end_path = end_path   # TEMPORARY: criteria's old import; use fastslim.blocks.end_path
 
 # %% auto #0
 __all__ = ['as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback', 'SparsityCallback',
-           'plot_bn_scales', 'BranchScale', 'ShortcutBlock', 'register_block', 'last_leaf', 'residual_blocks',
-           'add_branch_scales', 'branch_scales', 'remove_dead_blocks', 'BlockSparsityCallback', 'sparsity_callback']
+           'plot_bn_scales', 'BlockSparsityCallback', 'sparsity_callback']
 
 # %% ../nbs/20_sparsity.ipynb #dc0fa332
 def as_schedule(schedule=None, start:float=0., end:float=1.):
@@ -44,31 +42,11 @@ def as_schedule(schedule=None, start:float=0., end:float=1.):
 # %% ../nbs/20_sparsity.ipynb #e299d6ec
 def _model(o): return o.model if isinstance(o, Learner) else o
 
-def _select_roots(model, layers, name='layers'):
-    "Names of the modules of `model` picked by `layers` (module names or types); `['']` (everything) for None"
-    if layers is None: return ['']
-    named = dict(model.named_modules())
-    roots = []
-    for o in (layers if isinstance(layers, (list, tuple, set, L)) else [layers]):
-        if isinstance(o, str):
-            if o not in named:
-                some = [n for n in named if n][:8]
-                raise ValueError(f"`{name}` names a module that does not exist: {o!r} (the model has e.g. {some})")
-            roots.append(o)
-        elif isinstance(o, type) and issubclass(o, nn.Module):
-            found = [n for n, m in named.items() if isinstance(m, o)]
-            if not found: raise ValueError(f"`{name}` asks for {o.__name__} modules, but the model has none")
-            roots += found
-        else: raise ValueError(f"`{name}` must hold module names or nn.Module types, got {o!r}")
-    return roots
-
-def _under(name, roots): return any(r == '' or name == r or name.startswith(r + '.') for r in roots)
-
 # %% ../nbs/20_sparsity.ipynb #30de733f
 def bn_layers(model:nn.Module, layers=None):
     "{name: layer} of the BatchNorm layers of `model` with a learnable scale, or of those inside the modules `layers` picks"
-    roots = _select_roots(_model(model), layers)
-    return {n: m for n, m in _model(model).named_modules() if isinstance(m, _BatchNorm) and m.affine and _under(n, roots)}
+    roots = module_roots(_model(model), layers)
+    return {n: m for n, m in _model(model).named_modules() if isinstance(m, _BatchNorm) and m.affine and in_roots(n, roots)}
 
 def bn_scales(model:nn.Module, layers=None):
     "All |gamma| of `bn_layers(model, layers)` as one float tensor on the CPU"
@@ -175,9 +153,7 @@ class PenaltyCallback(Callback):
 
 def _check_budget(ratio, target_macs):
     "`ratio` and `target_macs` checked: at most one, with `PruneCallback`'s ranges"
-    if ratio is not None and target_macs is not None: raise ValueError("give at most one of `ratio` and `target_macs`")
-    return (None if ratio is None else check_ratio(ratio, 'ratio'),
-            None if target_macs is None else check_open_fraction(target_macs, 'target_macs'))
+    return check_target(ratio, target_macs, required=False)
 
 def _check_settle(v):
     try: f = float(v)
@@ -445,116 +421,6 @@ def plot_bn_scales(learn_or_model, fname=None, layers=None, thresh:float=1e-2, b
     if fname is not None: fig.savefig(fname, dpi=100)
     return fig
 
-# %% ../nbs/20_sparsity.ipynb #64a4e709
-class BranchScale(nn.Module):
-    "`module`'s output times a learnable scalar `scale`: the switch Sparse Structure Selection learns for a residual branch"
-    def __init__(self, module:nn.Module, init:float=1.):
-        super().__init__()
-        self.module = module
-        self.scale = nn.Parameter(torch.tensor(float(init), device=model_device(module)))
-    def forward(self, x): return self.module(x) * self.scale
-    def extra_repr(self): return f"scale={self.scale.item():.4g}"
-    def __getattr__(self, name):
-        "Attributes it lacks come from the wrapped module (`out_channels`, `conv`...), so code reading them still works"
-        try: return super().__getattr__(name)
-        except AttributeError:
-            mods = self.__dict__.get('_modules', {})
-            if name == 'module' or 'module' not in mods: raise
-            return getattr(mods['module'], name)
-
-class ShortcutBlock(nn.Module):
-    "What is left of a residual block whose branch is switched off: `act(shortcut(x))`"
-    def __init__(self, shortcut:nn.Module|None=None, act:nn.Module|None=None):
-        super().__init__()
-        self.shortcut = shortcut if shortcut is not None else nn.Identity()
-        self.act = act if act is not None else nn.Identity()
-    def forward(self, x): return self.act(self.shortcut(x))
-
-# %% ../nbs/20_sparsity.ipynb #74dc523d
-_BLOCKS = {}
-
-def register_block(cls:type,
-    branch_end,              # Path (in the block) of the branch's last layer, or a function of the block returning it
-    shortcut:str='downsample', # Attribute holding the shortcut module (None in the block means identity)
-    act:str|None='relu',     # Attribute holding the activation applied after the addition (None: no activation)
-):
-    "Teach fastslim where a residual block type's branch ends, its shortcut, and the activation after the add"
-    _BLOCKS[cls] = (branch_end, shortcut, act)
-
-def _spec(m):
-    for c in type(m).__mro__:
-        if c in _BLOCKS: return _BLOCKS[c]
-    return None
-
-def _end_path(block):
-    end = _spec(block)[0]
-    return end(block) if callable(end) else end
-
-def _set_sub(block, path, m):
-    parent, _, name = path.rpartition('.')
-    setattr(block.get_submodule(parent), name, m)
-
-def last_leaf(block:nn.Module, attr:str='branch'):
-    "Path in `block` of the last leaf layer of `block.<attr>` (or of the `BranchScale` already wrapping one)"
-    sub = getattr(block, attr)
-    for n, m in sub.named_modules():
-        if isinstance(m, BranchScale): return f'{attr}.{n}'.rstrip('.')
-    leaves = [n for n, m in sub.named_modules() if not list(m.children())]
-    return f'{attr}.{leaves[-1]}'.rstrip('.')
-
-register_block(tv_resnet.BasicBlock, 'bn2')
-register_block(tv_resnet.Bottleneck, 'bn3')
-register_block(timm_resnet.BasicBlock, lambda b: 'se' if b.se is not None else 'bn2', act='act2')
-register_block(timm_resnet.Bottleneck, lambda b: 'se' if b.se is not None else 'bn3', act='act3')
-register_block(ResidualBlock, last_leaf, 'shortcut', 'act')
-
-# %% ../nbs/20_sparsity.ipynb #fde3e356
-def residual_blocks(model:nn.Module, blocks=None):
-    "{name: block} of the residual blocks of `model` fastslim knows (see `register_block`), or of those `blocks` picks"
-    roots = _select_roots(model, blocks, 'blocks')
-    return {n: m for n, m in model.named_modules() if _spec(m) is not None and _under(n, roots)}
-
-def add_branch_scales(model:nn.Module, blocks=None):
-    "Wrap the end of each residual branch of `model` (or of `blocks`) in a `BranchScale`; returns {block name: BranchScale}"
-    res, new = {}, []
-    for n, b in residual_blocks(model, blocks).items():
-        path = _end_path(b)
-        m = b.get_submodule(path)
-        if not isinstance(m, BranchScale): _set_sub(b, path, BranchScale(m)); new.append(n)
-        res[n] = b.get_submodule(path)
-    if new: record_edit(model, 'branch_scales', new)   # `save_slim` writes it, `load_slim` redoes it
-    return res
-
-def branch_scales(model:nn.Module):
-    "{block name: scale value} of the blocks of `model` that carry a `BranchScale`"
-    return {n: float(b.get_submodule(_end_path(b)).scale.detach()) for n, b in residual_blocks(model).items()
-            if isinstance(b.get_submodule(_end_path(b)), BranchScale)}
-
-def _to_shortcuts(model:nn.Module, names):
-    "Replace the blocks `names` of `model` by their shortcut and activation"
-    blocks = residual_blocks(model)
-    for n in names:
-        b = blocks.get(n)
-        if b is None: raise ValueError(f"`names`: {n!r} is not a residual block of {type(model).__name__}")
-        _, short, act = _spec(b)
-        act = deepcopy(getattr(b, act)) if act and getattr(b, act) is not None else None
-        if hasattr(act, 'inplace'): act.inplace = False   # the input may be the previous block's output
-        parent, _, attr = n.rpartition('.')
-        setattr(model.get_submodule(parent), attr, ShortcutBlock(getattr(b, short) if short else None, act))
-    return model
-
-def remove_dead_blocks(model:nn.Module):
-    "A copy of `model` in which every block whose branch scale is exactly 0 is replaced by its shortcut and activation"
-    new = deepcopy(model)
-    dead = [n for n, b in residual_blocks(new).items() if n and isinstance(b.get_submodule(_end_path(b)), BranchScale)
-            and not bool((b.get_submodule(_end_path(b)).scale != 0).any())]
-    _to_shortcuts(new, dead)
-    if dead: record_edit(new, 'dead_blocks', dead)   # `save_slim` writes it, `load_slim` redoes it
-    return new
-
-register_edit('branch_scales', lambda model, names: add_branch_scales(model, list(names)))
-register_edit('dead_blocks', _to_shortcuts)
-
 # %% ../nbs/20_sparsity.ipynb #536ebb7b
 class _ScaleOpt:
     "The least `GradScaler.unscale_` needs of an optimizer: `param_groups`"
@@ -611,7 +477,7 @@ class BlockSparsityCallback(PenaltyCallback):
         self._dense = mm.get('', 0)
         self._saves = []
         for n, b in residual_blocks(self.model, self.blocks).items():
-            short = _spec(b)[1]
+            short = block_spec(b)[1]
             self._saves.append(mm.get(n, 0) - (mm.get(f'{n}.{short}', 0) if short and getattr(b, short, None) is not None else 0))
 
     def _rerank(self):

@@ -13,6 +13,7 @@ from fastai.vision.all import (Learner, Callback, CancelFitException, CrossEntro
 from torchvision.models.resnet import BasicBlock
 from fastslim.data import digits_dls
 from fastslim.sparsity import *
+from fastslim.blocks import *
 from fastslim.schedule import Constant, WarmUp, LinearDecay
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
