@@ -30,7 +30,7 @@ import numpy as np, torch
 from fastai.vision.all import Learner, accuracy, set_seed, Adam, OptimWrapper, Callback
 from fastslim.core import count_macs, count_params, cpu_latency
 from fastslim.data import npz_dls
-from fastslim.models import VGG, ResNet
+from fastslim.models import CifarVGG, CifarResNet
 from fastslim.sparsity import sparsity_callback, bn_layers
 from fastslim.prune import PruneCallback, recalibrate_bn, scratch_b
 from fastslim.distill import DistillCallback
@@ -39,9 +39,9 @@ from fastslim.slim import accuracy_of
 DATA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'mnist10k.npz'
 def _w(v, k): return max(4, int(round(v * k)))
 NETS = {
-    'vgg': lambda k: VGG(num_classes=10, in_channels=1, cfg=[_w(32, k), _w(32, k), 'M', _w(64, k), _w(64, k), 'M',
+    'vgg': lambda k: CifarVGG(num_classes=10, in_channels=1, cfg=[_w(32, k), _w(32, k), 'M', _w(64, k), _w(64, k), 'M',
                                                               _w(128, k), _w(128, k), 'M', _w(256, k)]),
-    'resnet20': lambda k: ResNet(depth=20, num_classes=10, in_channels=1, stem_width=_w(16, k),
+    'resnet20': lambda k: CifarResNet(depth=20, num_classes=10, in_channels=1, stem_width=_w(16, k),
                                  stage_widths=[_w(16, k), _w(32, k), _w(64, k)]),
 }
 OPTS = {'sgd': (partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9, nesterov=True, weight_decay=5e-4), 0.02, None),

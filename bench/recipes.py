@@ -17,7 +17,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastslim.core import count_macs
 from fastslim.data import npz_dls
-from fastslim.models import VGG, ResNet
+from fastslim.models import CifarVGG, CifarResNet
 from fastslim.distill import DistillCallback
 from fastslim.prune import scratch_b
 from fastslim.slim import accuracy_of
@@ -25,8 +25,8 @@ import fastslim.slim  # Learner.slim
 
 DATA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'mnist10k.npz'
 NETS = {
-    'vgg': lambda: VGG(num_classes=10, in_channels=1, cfg=[16, 'M', 32, 'M', 64, 'M', 128]),
-    'resnet20': lambda: ResNet(depth=20, num_classes=10, in_channels=1, stem_width=16, stage_widths=[16, 32, 64]),
+    'vgg': lambda: CifarVGG(num_classes=10, in_channels=1, cfg=[16, 'M', 32, 'M', 64, 'M', 128]),
+    'resnet20': lambda: CifarResNet(depth=20, num_classes=10, in_channels=1, stem_width=16, stage_widths=[16, 32, 64]),
 }
 
 def quiet(learn):

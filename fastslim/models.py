@@ -21,19 +21,20 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.callback.schedule import ParamScheduler
 from timm.models import register_model, is_model, create_model
-from .checks import check_choice
+from .checks import check_choice, check_count
 from .core import count_params
+from .blocks import register_block, last_leaf
 
 # %% auto #0
 __all__ = ['VGG_CFGS', 'VGG_TINY_CFG', 'ZOO', 'PRESETS', 'ConvBnAct', 'BnActConv', 'ResidualBlock', 'basic_block',
-           'bottleneck_block', 'preact_basic_block', 'preact_bottleneck_block', 'ZooNet', 'VGG', 'vgg_tiny', 'ResNet',
-           'PreResNet', 'ResNeXt', 'DenseLayer', 'Transition', 'DenseNet', 'model_widths', 'rebuild', 'residual_blocks',
-           'fastslim_vgg11_bn_cifar', 'fastslim_vgg13_bn_cifar', 'fastslim_vgg16_bn_cifar', 'fastslim_vgg19_bn_cifar',
-           'fastslim_vgg_tiny', 'fastslim_resnet20_cifar', 'fastslim_resnet56_cifar', 'fastslim_resnet110_cifar',
-           'fastslim_resnet164_cifar', 'fastslim_preresnet110_cifar', 'fastslim_preresnet164_cifar',
-           'fastslim_densenet40_cifar', 'fastslim_densenet_bc100_cifar', 'fastslim_resnext29_8x64d_cifar', 'MultiStep',
-           'Preset', 'init_bn_scales', 'make_model', 'preset_learner', 'slimming_preset', 'resnet_preset',
-           'densenet_preset', 'resnext_preset', 'cifar_dls']
+           'bottleneck_block', 'preact_basic_block', 'preact_bottleneck_block', 'ZooNet', 'CifarVGG', 'vgg_tiny',
+           'CifarResNet', 'CifarPreResNet', 'CifarResNeXt', 'DenseLayer', 'Transition', 'CifarDenseNet', 'model_widths',
+           'rebuild', 'fastslim_vgg11_bn_cifar', 'fastslim_vgg13_bn_cifar', 'fastslim_vgg16_bn_cifar',
+           'fastslim_vgg19_bn_cifar', 'fastslim_vgg_tiny', 'fastslim_resnet20_cifar', 'fastslim_resnet56_cifar',
+           'fastslim_resnet110_cifar', 'fastslim_resnet164_cifar', 'fastslim_preresnet110_cifar',
+           'fastslim_preresnet164_cifar', 'fastslim_densenet40_cifar', 'fastslim_densenet_bc100_cifar',
+           'fastslim_resnext29_8x64d_cifar', 'MultiStep', 'Preset', 'init_bn_scales', 'make_model', 'preset_learner',
+           'slimming_preset', 'resnet_preset', 'densenet_preset', 'resnext_preset', 'cifar_dls']
 
 # %% ../nbs/10_models.ipynb #09725512
 class ConvBnAct(nn.Sequential):
@@ -86,6 +87,8 @@ class ResidualBlock(nn.Module):
         ws = [u.conv.out_channels for u in self.branch[:-1]]
         return ws[0] if len(ws) == 1 else ws
 
+register_block(ResidualBlock, last_leaf, 'shortcut', 'act')   # also known by name to `fastslim.blocks`, which imports no model
+
 # %% ../nbs/10_models.ipynb #d920ff93
 def basic_block(ni:int, inner:int, nf:int, stride:int=1, project:bool=False):
     "Post-activation basic block (He et al. 2016): two 3x3 conv-BN, ReLU after the sum"
@@ -110,20 +113,15 @@ def preact_bottleneck_block(ni:int, inner, nf:int, stride:int=1, project:bool=Fa
     return ResidualBlock(branch, nn.Conv2d(ni, nf, 1, stride, bias=False) if project else None)
 
 # %% ../nbs/10_models.ipynb #1308b86c
-def _check_width(v, name):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"`{name}` must hold positive whole numbers of channels, got {v!r}")
-    return v
-
 def _check_widths(ws, n, name, per=1):
     "`ws` as a list of `n` entries, each a width (`per`=1) or a list of `per` widths"
     ws = list(ws)
     if len(ws) != n: raise ValueError(f"`{name}` must have {n} entries, got {len(ws)}")
-    if per == 1: return [_check_width(w, name) for w in ws]
+    if per == 1: return [check_count(w, name) for w in ws]
     out = []
     for w in ws:
         if isinstance(w, int) or len(w) != per: raise ValueError(f"each entry of `{name}` must be {per} widths, got {w!r}")
-        out.append([_check_width(v, name) for v in w])
+        out.append([check_count(v, name) for v in w])
     return out
 
 def _init_weights(model):
@@ -154,7 +152,7 @@ VGG_CFGS = {
     19: [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M', 512, 512, 512, 512, 'M', 512, 512, 512, 512],
 }
 
-class VGG(ZooNet):
+class CifarVGG(ZooNet):
     "VGG with BatchNorm for small images: conv-BN-ReLU layers of widths `cfg` ('M' = max pool), average pool, Linear"
     def __init__(self,
         depth:int=19,           # 11, 13, 16 or 19 (ignored when `cfg` is given)
@@ -164,7 +162,7 @@ class VGG(ZooNet):
     ):
         super().__init__()
         if cfg is None: cfg = VGG_CFGS[check_choice(depth, VGG_CFGS, 'depth')]
-        cfg = [v if v == 'M' else _check_width(v, 'cfg') for v in cfg]
+        cfg = [v if v == 'M' else check_count(v, 'cfg') for v in cfg]
         if not any(v != 'M' for v in cfg): raise ValueError("`cfg` must hold at least one conv width")
         layers, ni = [], in_channels
         for v in cfg:
@@ -181,7 +179,7 @@ VGG_TINY_CFG = [16, 'M', 32, 'M', 64]
 
 def vgg_tiny(num_classes:int=10, in_channels:int=1, cfg:list|None=None):
     "The small VGG for 8x8 digits: `VGG(cfg=VGG_TINY_CFG)` with one input channel by default"
-    return VGG(num_classes=num_classes, in_channels=in_channels, cfg=cfg or VGG_TINY_CFG)
+    return CifarVGG(num_classes=num_classes, in_channels=in_channels, cfg=cfg or VGG_TINY_CFG)
 
 # %% ../nbs/10_models.ipynb #ac52ad8c
 def _resnet_stages(make_block, n_stages, n, ni, stage_widths, cfg, project_first):
@@ -202,7 +200,7 @@ def _blocks_per_stage(depth, per_block, name='depth'):
     return (depth-2) // (per_block*3)
 
 # %% ../nbs/10_models.ipynb #bd252252
-class ResNet(ZooNet):
+class CifarResNet(ZooNet):
     "CIFAR ResNet (He et al. 2016): basic blocks (depth 6n+2) or bottlenecks (depth 9n+2), three stages"
     preact = False
     def __init__(self,
@@ -219,7 +217,7 @@ class ResNet(ZooNet):
                              {'basic', 'bottleneck'}, 'block')
         bottle = block == 'bottleneck'
         n = _blocks_per_stage(depth, 3 if bottle else 2)
-        _check_width(stem_width, 'stem_width')
+        check_count(stem_width, 'stem_width')
         stage_widths = _check_widths(stage_widths or ([64, 128, 256] if bottle else [16, 32, 64]), 3, 'stage_widths')
         if cfg is None: cfg = [[w//4, w//4] if bottle else w for w in stage_widths for _ in range(n)]
         cfg = _check_widths(cfg, 3*n, 'cfg', 2 if bottle else 1)
@@ -240,7 +238,7 @@ class ResNet(ZooNet):
         return dict(cfg=[b.inner_widths for s in stages for b in s], stem_width=self._stem_width(),
                     stage_widths=[s[-1].out_channels for s in stages])
 
-class PreResNet(ResNet):
+class CifarPreResNet(CifarResNet):
     "Pre-activation CIFAR ResNet (He et al. 2016b): bare conv stem, BN-ReLU-conv blocks, BN-ReLU before pooling"
     preact = True
     def _stem(self, ni, nf): return nn.Conv2d(ni, nf, 3, 1, 1, bias=False)
@@ -249,7 +247,7 @@ class PreResNet(ResNet):
     def _stem_width(self): return self.features.stem.out_channels
 
 # %% ../nbs/10_models.ipynb #3e1b4ee2
-class ResNeXt(ResNet):
+class CifarResNeXt(CifarResNet):
     "CIFAR ResNeXt (Xie et al. 2017): post-activation bottlenecks whose 3x3 conv has `cardinality` groups"
     def __init__(self,
         depth:int=29,                   # 9n+2
@@ -263,7 +261,7 @@ class ResNeXt(ResNet):
     ):
         nn.Module.__init__(self)
         n = _blocks_per_stage(depth, 3)
-        _check_width(cardinality, 'cardinality'); _check_width(base_width, 'base_width'); _check_width(stem_width, 'stem_width')
+        check_count(cardinality, 'cardinality'); check_count(base_width, 'base_width'); check_count(stem_width, 'stem_width')
         stage_widths = _check_widths(stage_widths or [256, 512, 1024], 3, 'stage_widths')
         if cfg is None: cfg = [[cardinality*base_width*2**i]*2 for i in range(3) for _ in range(n)]
         cfg = _check_widths(cfg, 3*n, 'cfg', 2)
@@ -297,7 +295,7 @@ class Transition(nn.Sequential):
     def __init__(self, ni:int, nf:int): super().__init__(OrderedDict([('unit', BnActConv(ni, nf, 1)), ('pool', nn.AvgPool2d(2))]))
 
 # %% ../nbs/10_models.ipynb #8a097762
-class DenseNet(ZooNet):
+class CifarDenseNet(ZooNet):
     "CIFAR DenseNet (Huang et al. 2017): three dense blocks of depth (L-4)/3 layers, or (L-4)/6 BC layers"
     def __init__(self,
         depth:int=40,                       # 3n+4 (plain layers) or 6n+4 (BC layers)
@@ -316,8 +314,8 @@ class DenseNet(ZooNet):
             raise ValueError(f"`depth` must be {3*per}n+4 with n >= 1, got {depth!r}")
         if not 0 < compression <= 1: raise ValueError(f"`compression` must lie in (0, 1], got {compression!r}")
         n = (depth-4) // (3*per)
-        _check_width(growth, 'growth')
-        stem_width = _check_width(stem_width or (2*growth if bottleneck else 16), 'stem_width')
+        check_count(growth, 'growth')
+        stem_width = check_count(stem_width or (2*growth if bottleneck else 16), 'stem_width')
         if cfg is None: cfg = [[4*growth, growth] if bottleneck else growth] * (3*n)
         cfg = _check_widths(cfg, 3*n, 'cfg', per)
         if transition_widths is not None: transition_widths = _check_widths(transition_widths, 2, 'transition_widths')
@@ -344,7 +342,7 @@ class DenseNet(ZooNet):
 def model_widths(model:nn.Module) -> dict:
     "The width arguments (`cfg`, and `stem_width`, `stage_widths` or `transition_widths`) that rebuild `model`"
     if not isinstance(model, ZooNet):
-        raise TypeError(f"`model` must be one of fastslim's models (VGG, ResNet, PreResNet, ResNeXt, DenseNet), "
+        raise TypeError(f"`model` must be one of fastslim's models (CifarVGG, CifarResNet, CifarPreResNet, CifarResNeXt, CifarDenseNet), "
                         f"got {type(model).__name__}")
     return model.widths()
 
@@ -353,9 +351,8 @@ def rebuild(model:nn.Module) -> nn.Module:
     ws = model_widths(model)
     return type(model)(**model.hparams, **ws)
 
-def residual_blocks(model:nn.Module) -> list:
-    "`(name, block)` for every `ResidualBlock` of `model`, whose `branch` and `shortcut` make up its output"
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBlock)]
+# %% ../nbs/10_models.ipynb #685b1bb0
+VGG, ResNet, PreResNet, ResNeXt, DenseNet = CifarVGG, CifarResNet, CifarPreResNet, CifarResNeXt, CifarDenseNet   # old names
 
 # %% ../nbs/10_models.ipynb #82a3bd7a
 _TIMM_ONLY = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
@@ -378,73 +375,73 @@ def _register(fn):
 @_register
 def fastslim_vgg11_bn_cifar(pretrained=False, **kwargs):
     "VGG-11 with BatchNorm for 32x32 images"
-    return _create('fastslim_vgg11_bn_cifar', VGG, pretrained, dict(depth=11), **kwargs)
+    return _create('fastslim_vgg11_bn_cifar', CifarVGG, pretrained, dict(depth=11), **kwargs)
 
 @_register
 def fastslim_vgg13_bn_cifar(pretrained=False, **kwargs):
     "VGG-13 with BatchNorm for 32x32 images"
-    return _create('fastslim_vgg13_bn_cifar', VGG, pretrained, dict(depth=13), **kwargs)
+    return _create('fastslim_vgg13_bn_cifar', CifarVGG, pretrained, dict(depth=13), **kwargs)
 
 @_register
 def fastslim_vgg16_bn_cifar(pretrained=False, **kwargs):
     "VGG-16 with BatchNorm for 32x32 images"
-    return _create('fastslim_vgg16_bn_cifar', VGG, pretrained, dict(depth=16), **kwargs)
+    return _create('fastslim_vgg16_bn_cifar', CifarVGG, pretrained, dict(depth=16), **kwargs)
 
 @_register
 def fastslim_vgg19_bn_cifar(pretrained=False, **kwargs):
     "VGG-19 with BatchNorm for 32x32 images, Network Slimming's VGG (20.04M parameters)"
-    return _create('fastslim_vgg19_bn_cifar', VGG, pretrained, dict(depth=19), **kwargs)
+    return _create('fastslim_vgg19_bn_cifar', CifarVGG, pretrained, dict(depth=19), **kwargs)
 
 @_register
 def fastslim_vgg_tiny(pretrained=False, **kwargs):
     "A small VGG (three conv-BN-ReLU layers) for 8x8 digits and other small images; one input channel by default"
-    return _create('fastslim_vgg_tiny', VGG, pretrained, dict(cfg=VGG_TINY_CFG, in_channels=1), **kwargs)
+    return _create('fastslim_vgg_tiny', CifarVGG, pretrained, dict(cfg=VGG_TINY_CFG, in_channels=1), **kwargs)
 
 @_register
 def fastslim_resnet20_cifar(pretrained=False, **kwargs):
     "ResNet-20 with basic blocks"
-    return _create('fastslim_resnet20_cifar', ResNet, pretrained, dict(depth=20, block='basic'), **kwargs)
+    return _create('fastslim_resnet20_cifar', CifarResNet, pretrained, dict(depth=20, block='basic'), **kwargs)
 
 @_register
 def fastslim_resnet56_cifar(pretrained=False, **kwargs):
     "ResNet-56 with basic blocks"
-    return _create('fastslim_resnet56_cifar', ResNet, pretrained, dict(depth=56, block='basic'), **kwargs)
+    return _create('fastslim_resnet56_cifar', CifarResNet, pretrained, dict(depth=56, block='basic'), **kwargs)
 
 @_register
 def fastslim_resnet110_cifar(pretrained=False, **kwargs):
     "ResNet-110 with basic blocks"
-    return _create('fastslim_resnet110_cifar', ResNet, pretrained, dict(depth=110, block='basic'), **kwargs)
+    return _create('fastslim_resnet110_cifar', CifarResNet, pretrained, dict(depth=110, block='basic'), **kwargs)
 
 @_register
 def fastslim_resnet164_cifar(pretrained=False, **kwargs):
     "ResNet-164 with bottleneck blocks"
-    return _create('fastslim_resnet164_cifar', ResNet, pretrained, dict(depth=164, block='bottleneck'), **kwargs)
+    return _create('fastslim_resnet164_cifar', CifarResNet, pretrained, dict(depth=164, block='bottleneck'), **kwargs)
 
 @_register
 def fastslim_preresnet110_cifar(pretrained=False, **kwargs):
     "Pre-activation ResNet-110 with basic blocks"
-    return _create('fastslim_preresnet110_cifar', PreResNet, pretrained, dict(depth=110, block='basic'), **kwargs)
+    return _create('fastslim_preresnet110_cifar', CifarPreResNet, pretrained, dict(depth=110, block='basic'), **kwargs)
 
 @_register
 def fastslim_preresnet164_cifar(pretrained=False, **kwargs):
     "Pre-activation ResNet-164 with bottleneck blocks, Network Slimming's ResNet (1.70M parameters)"
-    return _create('fastslim_preresnet164_cifar', PreResNet, pretrained, dict(depth=164, block='bottleneck'), **kwargs)
+    return _create('fastslim_preresnet164_cifar', CifarPreResNet, pretrained, dict(depth=164, block='bottleneck'), **kwargs)
 
 @_register
 def fastslim_densenet40_cifar(pretrained=False, **kwargs):
     "DenseNet-40 (k=12, 16-channel stem, no compression; 1.02M parameters)"
-    return _create('fastslim_densenet40_cifar', DenseNet, pretrained, dict(depth=40, growth=12), **kwargs)
+    return _create('fastslim_densenet40_cifar', CifarDenseNet, pretrained, dict(depth=40, growth=12), **kwargs)
 
 @_register
 def fastslim_densenet_bc100_cifar(pretrained=False, **kwargs):
     "DenseNet-BC-100 (k=12, compression 0.5; 0.77M parameters)"
-    return _create('fastslim_densenet_bc100_cifar', DenseNet, pretrained,
+    return _create('fastslim_densenet_bc100_cifar', CifarDenseNet, pretrained,
                    dict(depth=100, growth=12, bottleneck=True, compression=0.5), **kwargs)
 
 @_register
 def fastslim_resnext29_8x64d_cifar(pretrained=False, **kwargs):
     "ResNeXt-29 8x64d (34.4M parameters)"
-    return _create('fastslim_resnext29_8x64d_cifar', ResNeXt, pretrained, dict(depth=29, cardinality=8, base_width=64), **kwargs)
+    return _create('fastslim_resnext29_8x64d_cifar', CifarResNeXt, pretrained, dict(depth=29, cardinality=8, base_width=64), **kwargs)
 
 # %% ../nbs/10_models.ipynb #f945eb12
 ZOO = ['fastslim_vgg11_bn_cifar', 'fastslim_vgg13_bn_cifar', 'fastslim_vgg16_bn_cifar', 'fastslim_vgg19_bn_cifar',

@@ -214,8 +214,8 @@ def test_report_shows_sparsity_and_reg():
 def test_export_with_block_sparsity(tmp_path):
     "`learn.export` after `BlockSparsityCallback` added branch scales the optimizer does not hold (fastai's own export asserted)"
     from fastslim.sparsity import BlockSparsityCallback
-    from fastslim.models import ResNet
-    learn = Learner(digits_dls(), ResNet(depth=14, in_channels=1, stem_width=8, stage_widths=[8, 16, 32]), metrics=accuracy,
+    from fastslim.models import CifarResNet
+    learn = Learner(digits_dls(), CifarResNet(depth=14, in_channels=1, stem_width=8, stage_widths=[8, 16, 32]), metrics=accuracy,
                     cbs=[BlockSparsityCallback(ratio=0.5)], path=tmp_path)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
     opt = learn.opt

@@ -10,6 +10,7 @@ from fastai.callback.schedule import ParamScheduler
 from fastslim.core import count_params
 from fastslim.data import digits_dls, tensor_dls
 from fastslim.models import *
+from fastslim.blocks import residual_blocks
 
 # Parameter counts published in the papers (CIFAR-10). ResNet-20/56/110 are published for parameter-free zero-padding
 # shortcuts; ours project with a 1x1 conv + BN in the two stride-2 blocks, which adds exactly 2,752 parameters.
@@ -101,27 +102,27 @@ def test_vgg_tiny_takes_small_inputs_and_learns_digits():
 def test_bad_arguments_are_named():
     for kw, name in [(dict(depth=21), '`depth`'), (dict(depth=20, cfg=[16]*8), '`cfg`'), (dict(depth=20, block='x'), '`block`'),
                      (dict(depth=20, stage_widths=[16, 0, 64]), '`stage_widths`'), (dict(depth=20, stem_width=-1), '`stem_width`')]:
-        with pytest.raises(ValueError, match=name): ResNet(**kw)
-    with pytest.raises(ValueError, match='`depth`'): ResNet(32, block='bottleneck')
-    with pytest.raises(ValueError, match='`depth`'): VGG(12)
-    with pytest.raises(ValueError, match='`cfg`'): VGG(cfg=['M'])
-    with pytest.raises(ValueError, match='`compression`'): DenseNet(40, compression=0)
-    with pytest.raises(ValueError, match='`cfg`'): DenseNet(100, bottleneck=True, cfg=[12]*48)
-    with pytest.raises(ValueError, match='`cardinality`'): ResNeXt(29, cfg=[[512, 500]]*9)
+        with pytest.raises(ValueError, match=name): CifarResNet(**kw)
+    with pytest.raises(ValueError, match='`depth`'): CifarResNet(32, block='bottleneck')
+    with pytest.raises(ValueError, match='`depth`'): CifarVGG(12)
+    with pytest.raises(ValueError, match='`cfg`'): CifarVGG(cfg=['M'])
+    with pytest.raises(ValueError, match='`compression`'): CifarDenseNet(40, compression=0)
+    with pytest.raises(ValueError, match='`cfg`'): CifarDenseNet(100, bottleneck=True, cfg=[12]*48)
+    with pytest.raises(ValueError, match='`cardinality`'): CifarResNeXt(29, cfg=[[512, 500]]*9)
     with pytest.raises(ValueError, match='`arch`'): make_model('no_such_net')
     with pytest.raises(TypeError, match='`model`'): model_widths(nn.Conv2d(1, 1, 1))
 
 # --- widths: shrink real models with torch-pruning, then rebuild from the widths -------------------------------------
 
 SMALL = {   # one cheap member of every family (same code paths as the full-size nets)
-    'vgg': lambda: VGG(11),
-    'resnet': lambda: ResNet(20),
-    'resnet_bottleneck': lambda: ResNet(29, block='bottleneck'),
-    'preresnet': lambda: PreResNet(20),
-    'preresnet_bottleneck': lambda: PreResNet(29, block='bottleneck'),
-    'densenet': lambda: DenseNet(16, growth=6),
-    'densenet_bc': lambda: DenseNet(28, growth=6, bottleneck=True, compression=0.5),
-    'resnext': lambda: ResNeXt(11, cardinality=4, base_width=2),
+    'vgg': lambda: CifarVGG(11),
+    'resnet': lambda: CifarResNet(20),
+    'resnet_bottleneck': lambda: CifarResNet(29, block='bottleneck'),
+    'preresnet': lambda: CifarPreResNet(20),
+    'preresnet_bottleneck': lambda: CifarPreResNet(29, block='bottleneck'),
+    'densenet': lambda: CifarDenseNet(16, growth=6),
+    'densenet_bc': lambda: CifarDenseNet(28, growth=6, bottleneck=True, compression=0.5),
+    'resnext': lambda: CifarResNeXt(11, cardinality=4, base_width=2),
 }
 
 def shrink(model, seed=0):
@@ -164,30 +165,30 @@ def test_rebuild_by_timm_name_after_shrinking():
 def test_widths_round_trip_from_constructor():
     rng = random.Random(3)
     ws = dict(cfg=[[rng.randint(1, 9), rng.randint(1, 9)] for _ in range(9)], stem_width=5, stage_widths=[7, 3, 11])
-    for cls in (ResNet, PreResNet):
+    for cls in (CifarResNet, CifarPreResNet):
         with torch.device('meta'): m = cls(29, block='bottleneck', **ws)
         assert model_widths(m) == ws
     dws = dict(cfg=[rng.randint(1, 9) for _ in range(12)], stem_width=3, transition_widths=[5, 6])
-    with torch.device('meta'): d = DenseNet(16, **dws)
+    with torch.device('meta'): d = CifarDenseNet(16, **dws)
     assert model_widths(d) == dws
 
 def test_residual_blocks_have_branch_and_shortcut():
-    m = PreResNet(164)
-    blocks = residual_blocks(m)
+    m = CifarPreResNet(164)
+    blocks = list(residual_blocks(m).items())
     assert len(blocks) == 54
     name, b = blocks[18]
     assert name == 'features.stage2.0' and isinstance(b.shortcut, nn.Conv2d) and isinstance(b.branch, nn.Sequential)
-    assert isinstance(residual_blocks(ResNet(20))[1][1].shortcut, nn.Identity)
+    assert isinstance(list(residual_blocks(CifarResNet(20)).values())[1].shortcut, nn.Identity)
     # a scale on the branch output (what Sparse Structure Selection learns) changes the block as expected
     x = torch.randn(1, 64, 32, 32)
-    blk = residual_blocks(m)[1][1].eval()
+    blk = list(residual_blocks(m).values())[1].eval()
     with torch.no_grad():
         full = blk(x)
         h = blk.branch.register_forward_hook(lambda mod, inp, out: out * 0)
         assert torch.equal(blk(x), x)        # branch scaled to 0: the identity block passes its input
         h.remove()
         assert not torch.equal(blk(x), x) and torch.equal(blk(x), full)
-    assert len(residual_blocks(DenseNet(40))) == 0
+    assert len(residual_blocks(CifarDenseNet(40))) == 0
 
 # --- presets -------------------------------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ def test_slimming_preset(dls32):
     assert sum(len(pg['params']) for pg in opt.param_groups) == len(list(learn.model.parameters()))
 
 def test_slimming_preset_keeps_given_module(dls32):
-    m = ResNet(20)
+    m = CifarResNet(20)
     learn = slimming_preset(m, dls32)
     assert learn.model is m and all((b.weight == 1).all() for b in m.modules() if isinstance(b, nn.BatchNorm2d))
     assert learn.preset.name == 'slimming'
@@ -244,7 +245,7 @@ def test_other_presets(dls32):
     assert lrs == pytest.approx([0.1]*4 + [0.01]*2 + [0.001]*2)
     d = densenet_preset('densenet40_cifar', dls32).preset
     assert (d.epochs, d.bs, d.wd, d.nesterov) == (300, 64, 1e-4, True)
-    x = resnext_preset(ResNeXt(11, cardinality=2, base_width=4), dls32)
+    x = resnext_preset(CifarResNeXt(11, cardinality=2, base_width=4), dls32)
     assert (x.preset.epochs, x.preset.bs) == (300, 128)
     x.create_opt()
     assert all(pg['weight_decay'] == 5e-4 for pg in x.opt.opt.param_groups)

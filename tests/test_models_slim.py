@@ -12,14 +12,14 @@ from fastslim.cli import main
 
 # Small widths/depths of every family (the constructors take width configs); the real nets are below
 FAMILIES = {
-    'vgg_bn':            lambda: VGG(cfg=[16, 'M', 32, 'M', 64, 64]),
-    'resnet20':          lambda: ResNet(depth=20, block='basic'),
-    'resnet_bottleneck': lambda: ResNet(depth=11, block='bottleneck', stage_widths=[16, 32, 64]),
-    'preresnet_basic':   lambda: PreResNet(depth=8, block='basic'),
-    'preresnet_bottleneck': lambda: PreResNet(depth=11, block='bottleneck', stage_widths=[16, 32, 64]),
-    'densenet':          lambda: DenseNet(depth=10, growth=6),
-    'densenet_bc':       lambda: DenseNet(depth=16, growth=6, bottleneck=True, compression=0.5),
-    'resnext':           lambda: ResNeXt(depth=11, cardinality=4, base_width=4, stem_width=16, stage_widths=[32, 64, 128]),
+    'vgg_bn':            lambda: CifarVGG(cfg=[16, 'M', 32, 'M', 64, 64]),
+    'resnet20':          lambda: CifarResNet(depth=20, block='basic'),
+    'resnet_bottleneck': lambda: CifarResNet(depth=11, block='bottleneck', stage_widths=[16, 32, 64]),
+    'preresnet_basic':   lambda: CifarPreResNet(depth=8, block='basic'),
+    'preresnet_bottleneck': lambda: CifarPreResNet(depth=11, block='bottleneck', stage_widths=[16, 32, 64]),
+    'densenet':          lambda: CifarDenseNet(depth=10, growth=6),
+    'densenet_bc':       lambda: CifarDenseNet(depth=16, growth=6, bottleneck=True, compression=0.5),
+    'resnext':           lambda: CifarResNeXt(depth=11, cardinality=4, base_width=4, stem_width=16, stage_widths=[32, 64, 128]),
 }
 RATIOS = [0.4, 0.6, 0.7]
 
@@ -100,7 +100,7 @@ def test_slimming_family(family, ratio, batch, tmp_path):
 
 def test_learner_trains_compacted(tmp_path):
     "A fastai Learner fits the compacted ResNet-20 on digits at 32x32 (a few batches)"
-    model = randomise_bn(ResNet(depth=20))
+    model = randomise_bn(CifarResNet(depth=20))
     plan, small = slim(model, torch.randn(2, 3, 32, 32), 0.6)
     dls = digits_dls(size=32, channels=3, bs=32, device='cpu')
     learn = Learner(dls, small, loss_func=nn.CrossEntropyLoss())
