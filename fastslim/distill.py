@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import Hooks
 from fastai.torch_core import to_device
-from .checks import check_choice
+from .checks import check_choice, check_nonneg
 from .core import model_device, eval_mode, example_batch
 
 # %% auto #0
@@ -117,12 +117,6 @@ def _check_features(features):
             raise TypeError(f"`features` names must be strings, got {s!r}: {t!r}")
     return pairs
 
-def _check_weight(value, name):
-    try: v = float(value)
-    except (TypeError, ValueError): raise ValueError(f"`{name}` must be a number >= 0, got {value!r}") from None
-    if not (math.isfinite(v) and v >= 0): raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return v
-
 def _check_feature_loss(feature_loss):
     "`feature_loss` as a dict from loss name to weight"
     if isinstance(feature_loss, str): feature_loss = [feature_loss]
@@ -131,7 +125,7 @@ def _check_feature_loss(feature_loss):
     res = {}
     for k, w in feature_loss.items():
         check_choice(k, set(feature_losses), 'feature_loss')
-        res[k] = default_feature_weights[k] if w is None else _check_weight(w, f'feature_loss[{k!r}]')
+        res[k] = default_feature_weights[k] if w is None else check_nonneg(w, f'feature_loss[{k!r}]')
     return res
 
 def _check_teacher(teacher):
@@ -186,14 +180,14 @@ class DistillCallback(Callback):
         except (TypeError, ValueError): raise ValueError(f"`T` must be a number > 0, got {T!r}") from None
         if not (math.isfinite(T) and T > 0): raise ValueError(f"`T` must be a finite number > 0, got {T!r}")
         self.T = T
-        a = _check_weight(alpha, 'alpha')
+        a = check_nonneg(alpha, 'alpha')
         if a > 1: raise ValueError(f"`alpha` must lie in [0, 1], got {alpha!r}")
         self.alpha = a
         self.pairs = _check_features(features)
         weights = _check_feature_loss(feature_loss)
         self.feature_weights = weights if self.pairs else {}
-        self.dkd_alpha, self.dkd_beta = _check_weight(dkd_alpha, 'dkd_alpha'), _check_weight(dkd_beta, 'dkd_beta')
-        self.at_p = _check_weight(at_p, 'at_p')
+        self.dkd_alpha, self.dkd_beta = check_nonneg(dkd_alpha, 'dkd_alpha'), check_nonneg(dkd_beta, 'dkd_beta')
+        self.at_p = check_nonneg(at_p, 'at_p')
         if self.at_p == 0: raise ValueError("`at_p` must be > 0")
         self.adapters, self.last, self._record = None, {}, False
         self._s_hooks = self._t_hooks = None

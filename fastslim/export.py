@@ -16,10 +16,9 @@ from .core import *
 from .checks import *
 
 # %% auto #0
-__all__ = ['OPSET', 'OPSET_MIN', 'import_export_deps', 'check_opset', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport',
-           'export_onnx', 'calib_batches', 'check_batches', 'quantize_onnx', 'onnx_accuracy', 'CompiledInt8',
-           'quantize_pt2e', 'onnx_latency', 'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model',
-           'load_model_dir', 'export']
+__all__ = ['OPSET', 'OPSET_MIN', 'import_export_deps', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport', 'export_onnx',
+           'calib_batches', 'quantize_onnx', 'onnx_accuracy', 'CompiledInt8', 'quantize_pt2e', 'onnx_latency',
+           'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model', 'build_arch', 'load_model_dir', 'export']
 
 # %% ../nbs/60_export.ipynb #29b17ca7
 _EXPORT_EXTRA = 'pip install "fastslim[export]"'
@@ -38,7 +37,7 @@ OPSET = 20   # the ONNX opset `export_onnx` targets by default (onnxruntime >= 1
 
 OPSET_MIN = 18   # torch's dynamo exporter writes opset 18 and newer natively
 
-def check_opset(opset):
+def _check_opset(opset):
     "`opset` if it is an ONNX opset `export_onnx` can write (an int from `OPSET_MIN` to onnx's newest), else a `ValueError`"
     import onnx
     hi = onnx.defs.onnx_opset_version()
@@ -137,7 +136,7 @@ def export_onnx(model_or_learner, # an nn.Module, or a Learner (its model, and o
                )->OnnxExport:
     "Export an eval copy of the model to one self-contained ONNX file with a dynamic batch, checked with onnxruntime"
     onnx, _, _ = import_export_deps()
-    opset = check_opset(opset)
+    opset = _check_opset(opset)
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (math.isfinite(rtol) and rtol > 0):
         raise ValueError(f"`rtol` must be a finite number > 0, got {rtol!r}")
     model, xs = _unwrap(model_or_learner, example)
@@ -207,7 +206,7 @@ def calib_batches(calib, n_inp:int=1, n_batches:int=8):
     if not res: raise ValueError("`calib` gave no batches to calibrate on")
     return res
 
-def check_batches(batches, specs, name='calib'):
+def _check_batches(batches, specs, name='calib'):
     "Raise a `ValueError` naming `name` unless every batch matches the model's input `specs`"
     for b in batches:
         if len(b) != len(specs): raise ValueError(f"`{name}` batches must hold {len(specs)} input(s), got {len(b)}")
@@ -247,7 +246,7 @@ def quantize_onnx(path, # the fp32 .onnx file (e.g. written by `export_onnx`)
     if int(n_batches) < 1: raise ValueError(f"`n_batches` must be >= 1, got {n_batches}")
     specs = _input_specs(ort_session(path))
     batches = calib_batches(calib, len(specs), int(n_batches))
-    check_batches(batches, specs, 'calib')                    # before anything is quantised
+    _check_batches(batches, specs, 'calib')                    # before anything is quantised
     with tempfile.TemporaryDirectory() as d:
         src = Path(d)/'pre.onnx'
         try: quant_pre_process(str(path), str(src))
@@ -321,7 +320,7 @@ def quantize_pt2e(model_or_learner, # an nn.Module, or a Learner (its model; its
     if calib is None: calib = model_or_learner if hasattr(model_or_learner, 'dls') else None
     if calib is None: raise ValueError("`calib` is required when `model_or_learner` is a model")
     batches = calib_batches(calib, len(xs), int(n_batches))
-    check_batches(batches, [(f'input {i}', [None, *o.shape[1:]]) for i, o in enumerate(xs)], 'calib')
+    _check_batches(batches, [(f'input {i}', [None, *o.shape[1:]]) for i, o in enumerate(xs)], 'calib')
     batch = torch.export.Dim('batch')
     gm = torch.export.export(_deploy_copy(model), xs, dynamic_shapes=tuple({0: batch} for _ in xs)).module()
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
@@ -351,15 +350,7 @@ def onnx_latency(path, # an .onnx file (or an onnxruntime session)
 # %% ../nbs/60_export.ipynb #2031ce03
 def torch_accuracy(model:nn.Module, dl)->float:
     "Top-1 accuracy of `model` on a DataLoader `dl` of (inputs..., target) batches (DataLoaders: its `valid`)"
-    if _loaders(dl): dl = dl.valid
-    correct = total = 0
-    with torch.inference_mode(), eval_mode(model):
-        dev = model_device(model)
-        for b in dl:
-            b = tuple(b)
-            out = model(*(o.to(dev) for o in b[:-1]))
-            correct += int((out.argmax(-1).cpu() == b[-1].cpu()).sum()); total += len(b[-1])
-    return correct / total
+    return top1(model, dl)
 
 def _rows_of(dl, n):
     "The inputs of the first `n` samples of `dl`, a tuple of CPU tensors"
@@ -456,7 +447,7 @@ def _torchvision_models():
     except ImportError: return set()
     return set(torchvision.models.list_models(module=torchvision.models))
 
-def _build_arch(arch, kwargs, allow=(), trust_code=False):
+def build_arch(arch, kwargs, allow=(), trust_code=False):
     "The model `arch` names: a timm model (fastslim's zoo included), a torchvision classification model ('torchvision/NAME' where timm has NAME too), or an allowed callable"
     if not isinstance(arch, str) or not arch: raise ValueError(f"meta.json's 'arch' must name an architecture, got {arch!r}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -511,7 +502,7 @@ def load_model_dir(folder, # holds `slim.pt` (from `save_slim`) and `meta.json` 
     except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{folder/'meta.json'} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or 'arch' not in meta: raise ValueError(f"{folder/'meta.json'} must name the architecture under 'arch'")
     kwargs = meta.get('kwargs', {})
-    model = _build_arch(meta['arch'], kwargs, allow, trust_code)   # refused before anything is imported or called
+    model = build_arch(meta['arch'], kwargs, allow, trust_code)   # refused before anything is imported or called
     return load_slim(folder/'slim.pt', lambda: model)
 
 # %% ../nbs/60_export.ipynb #c2f79453

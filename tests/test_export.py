@@ -183,12 +183,12 @@ def test_export_command_loads_a_saved_slim_model(learn, tmp_path, monkeypatch, c
     with pytest.raises(ValueError, match='slim.pt'): export_cli(str(tmp_path), format='onnx')
 
 def test_arch_names_resolve_through_timm_and_imports():
-    from fastslim.export import _build_arch
-    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), allow=['torch.nn:Linear']), nn.Linear)
-    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), allow=[nn.Linear]), nn.Linear)
-    assert isinstance(_build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), trust_code=True), nn.Linear)
+    from fastslim.export import build_arch
+    assert isinstance(build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), allow=['torch.nn:Linear']), nn.Linear)
+    assert isinstance(build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), allow=[nn.Linear]), nn.Linear)
+    assert isinstance(build_arch('torch.nn:Linear', dict(in_features=3, out_features=2), trust_code=True), nn.Linear)
     pytest.importorskip('fastslim.models')
-    net = _build_arch('fastslim_vgg_tiny', dict(num_classes=10, in_chans=1))
+    net = build_arch('fastslim_vgg_tiny', dict(num_classes=10, in_chans=1))
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 # ---------------------------------------------------------------- trust (issue #16): no code from a model folder, atomic files
