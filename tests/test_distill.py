@@ -16,6 +16,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed, params
 from fastslim.data import digits_dls
 from fastslim.distill import *
+from fastslim.test_utils import quiet_fit, state_of, same_state
 
 # ---------------------------------------------------------------- losses on hand-made tensors
 
@@ -97,27 +98,19 @@ def cnn(w):
 def learner(model, cbs=None, **kw):
     return Learner(digits_dls(bs=64), model, CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
 
-def quiet_fit(learn, epochs=1, lr=3e-2, one_cycle=True, **kw):
-    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        (learn.fit_one_cycle if one_cycle else learn.fit)(epochs, lr, **kw)
-    return learn
-
 @pytest.fixture(scope='module')
 def teacher():
     set_seed(0)
     return quiet_fit(learner(cnn(16)), 3).model.eval()
 
-def state(m): return {k: v.detach().clone() for k, v in m.state_dict().items()}
-def same(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 @pytest.mark.parametrize('loss', ['kd', 'dkd'])
 def test_student_learns(teacher, loss):
     set_seed(1)
-    t0 = state(teacher)
+    t0 = state_of(teacher)
     learn = quiet_fit(learner(cnn(8), DistillCallback(teacher, loss=loss, T=2., alpha=0.5)), 3)
     assert learn.validate()[1] > 0.8           # chance is 0.1
-    assert same(state(teacher), t0)
+    assert same_state(state_of(teacher), t0)
 
 class Capture(Callback):
     "Record what the learner holds after the loss, at a chosen order"
@@ -158,8 +151,8 @@ def test_teacher_frozen_and_fitnet_adapter(teacher):
     "A fresh teacher module: never gets grads or changes; the FitNet adapter (8 -> 32 channels) is trained"
     set_seed(4)
     tm = cnn(16); tm.load_state_dict(teacher.state_dict())
-    t0, student = state(tm), cnn(4)
-    s0 = state(student)
+    t0, student = state_of(tm), cnn(4)
+    s0 = state_of(student)
     cb = DistillCallback(tm, alpha=0.5, features={'6': '6', '2': '2'}, feature_loss={'fitnet': 1., 'at': None})
     learn = learner(student, cb, splitter=lambda m: [params(m[:4]), params(m[4:])])
     n_opt = lambda: sum(len(g) for g in learn.opt.param_lists)
@@ -167,39 +160,39 @@ def test_teacher_frozen_and_fitnet_adapter(teacher):
     assert isinstance(cb.adapters[0], nn.Conv2d) and cb.adapters[0].weight.shape == (32, 8, 1, 1)
     assert isinstance(cb.adapters[1], nn.Conv2d) and cb.adapters[1].weight.shape == (16, 4, 1, 1)
     a0 = [p.detach().clone() for p in cb.adapters.parameters()]
-    assert same(state(tm), t0)
+    assert same_state(state_of(tm), t0)
     assert all(p.grad is None and not p.requires_grad for p in tm.parameters()) and not tm.training
-    assert state(student).keys() == s0.keys() and not same(state(student), s0)   # student trained, nothing added
+    assert state_of(student).keys() == s0.keys() and not same_state(state_of(student), s0)   # student trained, nothing added
     assert n_opt() == len(list(student.parameters()))                            # adapters left the optimizer
     assert all(not m._forward_hooks for m in list(student.modules()) + list(tm.modules()))
     assert {'fitnet:6', 'fitnet:2', 'at:6', 'at:2', 'logits', 'task'} == set(cb.last)
     quiet_fit(learn, 1)                                                          # a second fit reuses them
     assert all(not torch.equal(p, q) for p, q in zip(cb.adapters.parameters(), a0))
     assert n_opt() == len(list(student.parameters()))
-    assert same(state(tm), t0)
+    assert same_state(state_of(tm), t0)
 
 def test_teacher_none_is_frozen_copy():
     set_seed(5)
     learn = learner(cnn(4), DistillCallback(alpha=0.5, features=['2'], feature_loss='at'))
-    s0 = state(learn.model)
+    s0 = state_of(learn.model)
     quiet_fit(learn, 1)
     cb = learn.distill
-    assert cb.teacher is not learn.model and same(state(cb.teacher), s0) and not same(state(learn.model), s0)
+    assert cb.teacher is not learn.model and same_state(state_of(cb.teacher), s0) and not same_state(state_of(learn.model), s0)
     assert all(not p.requires_grad and p.grad is None for p in cb.teacher.parameters())
     first = cb.teacher
     quiet_fit(learn, 1)
-    assert cb.teacher is first and same(state(first), s0)
+    assert cb.teacher is first and same_state(state_of(first), s0)
 
 def test_gradient_accumulation_and_mixed_precision(teacher):
     "The distillation terms are added before GradientAccumulation scales loss_grad; training works with both"
     set_seed(6)
     student = cnn(4)
-    s0 = state(student)
+    s0 = state_of(student)
     cap = Capture(MixedPrecision.order + 10)     # after every callback's after_loss
     learn = learner(student, [DistillCallback(teacher, loss='dkd', features=['6'], feature_loss='sp'),
                               GradientAccumulation(n_acc=128), cap]).to_fp16()
     quiet_fit(learn, 1)
-    assert not same(state(student), s0)
+    assert not same_state(state_of(student), s0)
     assert all(math.isfinite(v) for v in learn.recorder.values[-1])
     for r in cap.rows:                           # loss_grad is the whole distillation loss, scaled by bs/n_acc
         bs = len(r['yb'])
@@ -250,9 +243,9 @@ def test_bad_types():
 ])
 def test_bad_setup_fails_before_training(make, match):
     student = cnn(4)
-    s0 = state(student)
+    s0 = state_of(student)
     learn = learner(student)
     cb = make(student)
     with pytest.raises(ValueError, match=match): quiet_fit(learn, 1, cbs=cb)
-    assert same(state(student), s0)
+    assert same_state(state_of(student), s0)
     assert all(not m._forward_hooks for m in student.modules())

@@ -7,6 +7,7 @@ from fastai.callback.training import ShortEpochCallback
 from fastslim.models import *
 from fastslim.plan import SlimPlan, save_slim, load_slim
 from fastslim.data import digits_dls
+from fastslim.test_utils import rel_diff
 from fastslim.cli import main
 
 
@@ -32,8 +33,6 @@ def randomise_bn(model, seed=0):
                 m.weight.uniform_(0.05, 1.5, generator=g); m.bias.uniform_(0., 0.3, generator=g)
                 m.running_mean.normal_(0, 0.2, generator=g); m.running_var.uniform_(0.5, 2., generator=g)
     return model
-
-def rel_diff(a, b): return ((a - b).abs().max() / a.abs().max()).item()
 
 def out(model, x):
     model.eval()

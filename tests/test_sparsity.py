@@ -15,16 +15,13 @@ from fastslim.data import digits_dls
 from fastslim.sparsity import *
 from fastslim.blocks import *
 from fastslim.schedule import Constant, WarmUp, LinearDecay
+from fastslim.test_utils import conv_bn, digits_cnn, quiet_fit, valid_acc
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')
 warnings.filterwarnings('ignore', message='.*torch.cuda.amp.GradScaler is enabled.*')
 CPU = torch.device('cpu')
 
 # ----------------------------------------------------------------------------------------------------------- models
-def conv_bn(ni, no): return [nn.Conv2d(ni, no, 3, padding=1, bias=False), nn.BatchNorm2d(no), nn.ReLU()]
-def digits_cnn():
-    return nn.Sequential(*conv_bn(1, 32), *conv_bn(32, 32), nn.MaxPool2d(2), *conv_bn(32, 64), *conv_bn(64, 64),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 GAMMAS = {f'{i}.weight' for i in (1, 4, 8, 11)}
 
 def digits_cnn_nobn():
@@ -39,15 +36,6 @@ def digits_resnet(c=16, n=3):
 
 def learner(model, cbs=(), device=CPU, metrics=accuracy, **kw):
     return Learner(digits_dls(device=device), model, loss_func=CrossEntropyLossFlat(), metrics=metrics, cbs=list(cbs), **kw)
-
-def quiet_fit(learn, *args, one_cycle=True, **kw):
-    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        (learn.fit_one_cycle if one_cycle else learn.fit)(*args, **kw)
-    return learn
-
-def valid_acc(learn):
-    with learn.no_bar(), learn.no_logging(): return float(learn.validate()[1])
 
 def prune_bn_global(learn, ratio=0.5): return zeroed_bn_accuracy(learn, ratio)
 
