@@ -182,7 +182,7 @@ def vgg_tiny(num_classes:int=10, in_channels:int=1, cfg:list|None=None):
     return CifarVGG(num_classes=num_classes, in_channels=in_channels, cfg=cfg or VGG_TINY_CFG)
 
 # %% ../nbs/10_models.ipynb #ac52ad8c
-def _resnet_stages(make_block, n_stages, n, ni, stage_widths, cfg, project_first):
+def _resnet_stages(make_block, n, ni, stage_widths, cfg, project_first):
     "Stages of `n` blocks; the first block of each stage but the first halves the resolution"
     stages, it = [], iter(cfg)
     for i, nf in enumerate(stage_widths):
@@ -222,7 +222,7 @@ class CifarResNet(ZooNet):
         if cfg is None: cfg = [[w//4, w//4] if bottle else w for w in stage_widths for _ in range(n)]
         cfg = _check_widths(cfg, 3*n, 'cfg', 2 if bottle else 1)
         feats = [('stem', self._stem(in_channels, stem_width))]
-        feats += _resnet_stages(self._block(bottle), 3, n, stem_width, stage_widths, cfg, bottle)
+        feats += _resnet_stages(self._block(bottle), n, stem_width, stage_widths, cfg, bottle)
         feats += self._final(stage_widths[-1])
         self._finish(nn.Sequential(OrderedDict(feats)), stage_widths[-1], num_classes,
                      depth=depth, in_channels=in_channels, block=block)
@@ -269,7 +269,7 @@ class CifarResNeXt(CifarResNet):
             raise ValueError(f"every width in `cfg` must be a multiple of `cardinality`={cardinality}")
         block = partial(bottleneck_block, groups=cardinality)
         feats = [('stem', ConvBnAct(in_channels, stem_width))]
-        feats += _resnet_stages(block, 3, n, stem_width, stage_widths, cfg, True)
+        feats += _resnet_stages(block, n, stem_width, stage_widths, cfg, True)
         self._finish(nn.Sequential(OrderedDict(feats)), stage_widths[-1], num_classes, depth=depth,
                      cardinality=cardinality, base_width=base_width, in_channels=in_channels)
 
@@ -357,8 +357,9 @@ VGG, ResNet, PreResNet, ResNeXt, DenseNet = CifarVGG, CifarResNet, CifarPreResNe
 # %% ../nbs/10_models.ipynb #82a3bd7a
 _TIMM_ONLY = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
 
-def _create(name, cls, pretrained=False, defaults=None, device=None, dtype=None, **kwargs):
-    "Build `cls` for the timm entrypoint `name` on `device`, refusing `pretrained` and mapping timm's `in_chans`"
+def _create(name, cls, pretrained=False, defaults=None, **kwargs):
+    "Build `cls` for the timm entrypoint `name` (on timm's `device`, in its `dtype`), refusing `pretrained` and mapping `in_chans`"
+    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
     if pretrained:
         raise ValueError(f"`pretrained`: fastslim has no pretrained weights for {name}; create it with pretrained=False "
                          f"and train it (e.g. with `slimming_preset`)")
