@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 from fastai.callback.fp16 import MixedPrecision
 from .checks import *
-from .core import model_device, module_roots, in_roots
+from .core import model_device, module_roots, in_roots, defaults
 from .schedule import Schedule, Constant
 from .blocks import *
 from .blocks import block_spec, end_path
@@ -175,7 +175,7 @@ class SparsityCallback(PenaltyCallback):
         mode:str='prox',        # 'prox': soft-threshold after the optimizer step (any optimizer); 'grad': add reg*sign to the gradient (the paper)
         ratio:float=None,       # Budget: share of channels the pruning will remove, in [0, 1) (as `PruneCallback`)
         target_macs:float=None, # Budget instead of `ratio`: MACs after pruning as a fraction of the dense MACs, in (0, 1)
-        min_keep:int|float=0.1, # With a budget: the pruning's floor per group (`learn.slim` uses 0.1)
+        min_keep:int|float=None, # With a budget: the pruning's floor per group (default: `fastslim.core.defaults.min_keep`)
         settle:float=0.25,      # With a budget: last fraction of the stage in which the removed channels stay at zero
         every:int=10,           # With a budget: optimizer steps between re-rankings of the channels to remove
     ):
@@ -188,7 +188,8 @@ class SparsityCallback(PenaltyCallback):
         self.settle = _check_settle(settle)
         if not (isinstance(every, int) and every >= 1): raise ValueError(f"`every` must be an int >= 1, got {every!r}")
         if plan is not None and target != 'groups': raise ValueError("`plan` is only used with `target`='groups'")
-        store_attr('layers,plan,min_keep,every')
+        store_attr('layers,plan,every')
+        self.min_keep = defaults.min_keep if min_keep is None else min_keep
 
     @property
     def col(self): return self.target
