@@ -6,11 +6,10 @@ Docs: https://fastslim.github.io/fastslim/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #c60d3204
 from __future__ import annotations
-import sys, json, os, contextlib
+import sys, json, os, re, contextlib
 from pathlib import Path
-import torch
 from fastcore.script import call_parse, parse_cli, CliError
-from .checks import check_ratio, check_open_fraction, check_positive, check_nonneg
+from .checks import check_count
 from .core import example_batch
 
 # %% auto #0
@@ -37,13 +36,6 @@ def _arch_kwargs(arch:str, num_classes:int, in_channels:int):
     "The constructor keywords `build_model` passes for `arch`, as `meta.json` records them (torchvision takes no `in_chans`)"
     return dict(num_classes=num_classes, in_chans=in_channels) if _split_arch(arch)[0] == 'timm' else dict(num_classes=num_classes)
 
-def _check_count(v, name, low=0, none_ok=False):
-    "`v` if it is a whole number >= `low` (or None when `none_ok`), else a `ValueError` naming the option"
-    if v is None and none_ok: return v
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"`--{name.replace('_', '-')}` must be a whole number >= {low}, got {v!r}")
-    return v
-
 def _input_spec(arch:str, size):
     "(size, channels) the data should have for `arch`: digits stay 8x8 for the tiny default, else 32x32 RGB-like"
     import timm
@@ -63,6 +55,40 @@ def _check_out(out:Path, run:dict, force:bool):
     f = out/'run.json'
     if not f.exists() or json.loads(f.read_text()) != run:
         raise ValueError(f"`out` folder {str(out)!r} holds a different run; choose another folder or pass --force")
+
+def _as_options(e:ValueError, names):
+    "`e`'s message with the option `name`s among `names` written as the command line takes them: `--name`"
+    return ValueError(re.sub(r'`(\w+)`', lambda m: f"`--{m[1].replace('_', '-')}`" if m[1] in names else m[0], str(e)))
+
+def _config(**kwargs):
+    "The `SlimConfig` of the command line's slimming options (it checks them); a bad value names the option as typed"
+    from fastslim.slim import SlimConfig
+    try: return SlimConfig(**kwargs)
+    except ValueError as e: raise _as_options(e, kwargs) from None
+
+def _dense_learner(data:str, arch:str, size, bs:int, seed:int):
+    "A `Learner` of a freshly initialised `arch` on `data`, with accuracy as metric"
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
+    from fastslim.data import get_dls
+    import fastslim.models  # registers the fastslim models with timm
+    sz, ch = _input_spec(arch, size)
+    set_seed(seed)
+    dls = get_dls(data, size=sz, channels=ch, bs=bs, seed=seed)
+    ch = example_batch(dls)[0].shape[1]   # an image folder gives RGB batches whatever the architecture's default
+    return Learner(dls, build_model(arch, dls.c, ch), metrics=accuracy)
+
+def _write_out(out:Path, learn, report, run:dict):
+    "Write the slim model, `meta.json`, the report and its figures, and `run.json` into `out`"
+    from fastslim.plan import save_slim
+    out.mkdir(parents=True, exist_ok=True)
+    save_slim(learn.model, out/'slim.pt')
+    ch = example_batch(learn.dls)[0].shape[1]
+    _write_json(out/'meta.json', dict(arch=run['arch'], kwargs=_arch_kwargs(run['arch'], learn.dls.c, ch)))
+    report.save(out)
+    _write_json(out/'run.json', run)
+    print(f"fastslim: wrote {', '.join(sorted(os.listdir(out)))} to {out}")
 
 # %% ../nbs/90_cli.ipynb #0514936c
 @call_parse
@@ -86,47 +112,20 @@ def slim(
     force:bool=False, # overwrite an output folder that holds a different run
 ):
     "Train a dense model on `data`, slim it, print the before/after report and save the slim model"
-    from fastai.learner import Learner
-    from fastai.metrics import accuracy
-    from fastai.torch_core import set_seed
-    from fastslim.data import get_dls
-    from fastslim.plan import save_slim
-    from fastslim.slim import METHODS
-    import fastslim.models  # registers the fastslim models with timm
-    if method not in METHODS: raise ValueError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-    for v, n in ((dense_epochs, 'dense_epochs'), (prune_epochs, 'prune_epochs'), (finetune_epochs, 'finetune_epochs')): _check_count(v, n)
-    _check_count(sparse_epochs, 'sparse_epochs', none_ok=True); _check_count(bs, 'bs', 1); _check_count(size, 'size', 1, none_ok=True)
-    check_positive(lr, 'lr')
-    if reg is not None:
-        check_nonneg(reg, 'reg')
-    if target_macs is None and ratio is None: target_macs = 0.25
-    if ratio is not None and target_macs is not None: raise ValueError("give only one of --ratio and --target-macs")
-    if target_macs is not None: check_open_fraction(target_macs, 'target_macs')
-    if ratio is not None: check_ratio(ratio, 'ratio')
-    run = dict(data=data, arch=arch, method=method, target_macs=target_macs, ratio=ratio, dense_epochs=dense_epochs,
-               sparse_epochs=sparse_epochs, prune_epochs=prune_epochs, finetune_epochs=finetune_epochs,
-               distill=not no_distill, lr=lr, reg=reg, size=size, bs=bs, seed=seed)
-    outp = Path(out)
-    _check_out(outp, run, force)
-    sz, ch = _input_spec(arch, size)
-    set_seed(seed)
-    dls = get_dls(data, size=sz, channels=ch, bs=bs, seed=seed)
-    ch = example_batch(dls)[0].shape[1]   # an image folder gives RGB batches whatever the architecture's default
-    model = build_model(arch, dls.c, ch)
-    learn = Learner(dls, model, metrics=accuracy)
-    print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
     from fastslim.slim import epoch_lines
+    if ratio is None and target_macs is None: target_macs = 0.25
+    cfg = _config(method=method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
+                  finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg)
+    check_count(dense_epochs, '--dense-epochs', low=0); check_count(bs, '--bs'); check_count(size, '--size', none_ok=True)
+    run, outp = dict(data=data, arch=arch, dense_epochs=dense_epochs, size=size, bs=bs, seed=seed, **cfg.to_dict()), Path(out)
+    _check_out(outp, run, force)
+    learn = _dense_learner(data, arch, size, bs, seed)
+    print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
     with epoch_lines(learn): learn.fit_one_cycle(dense_epochs, lr)
     print(f"fastslim: slimming with {method}")
-    report = learn.slim(method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
-                        finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg)
+    report = learn.slim(cfg)
     print(report)
-    outp.mkdir(parents=True, exist_ok=True)
-    save_slim(learn.model, outp/'slim.pt')
-    _write_json(outp/'meta.json', dict(arch=arch, kwargs=_arch_kwargs(arch, dls.c, ch)))
-    report.save(outp)
-    _write_json(outp/'run.json', run)
-    print(f"fastslim: wrote {', '.join(sorted(os.listdir(outp)))} to {outp}")
+    _write_out(outp, learn, report, run)
     return 0
 
 # %% ../nbs/90_cli.ipynb #07b2c133

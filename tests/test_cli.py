@@ -22,6 +22,10 @@ def test_slim_writes_everything(run_dir):
     assert any(n.endswith('.png') for n in names)
     run = json.loads((out/'run.json').read_text())
     assert run['method'] == 'slimming' and run['target_macs'] == 0.25 and run['dense_epochs'] == 1
+    from dataclasses import fields
+    from fastslim.slim import SlimConfig
+    cfg = SlimConfig.from_dict({f.name: run[f.name] for f in fields(SlimConfig)})   # run.json holds the whole config
+    assert cfg.to_dict() == {k: run[k] for k in cfg.to_dict()} and cfg.sparse_epochs == 1 and cfg.prune_epochs == 0 and cfg.distill
     rep = json.loads((out/'report.json').read_text())
     assert json.dumps(rep)  # valid JSON with content
     meta = json.loads((out/'meta.json').read_text())
@@ -89,6 +93,13 @@ def test_bad_input(args, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'error' in err, err
     assert not out.exists() or not any(out.iterdir())
+
+@pytest.mark.parametrize('args, option', [(['--ratio', '0.5', '--target-macs', '0.5'], '--ratio'), (['--target-macs', '1.5'], '--target-macs'),
+                                          (['--prune-epochs', '-1'], '--prune-epochs'), (['--method', 'sss'], '--ratio'), (['--method', 'nope'], '--method')])
+def test_bad_value_names_the_option(args, option, tmp_path, capsys):
+    "The config checks the slimming options; its message names them as the command line spells them"
+    assert main(['slim', '--dense-epochs', '0', *args, '--out', str(tmp_path/'out')]) == 2
+    assert f'`{option}`' in capsys.readouterr().err
 
 def test_unknown_command(capsys):
     assert main(['nope']) == 2

@@ -42,7 +42,7 @@ def _method_learn(method):
         return _dense(0, 1, model=ResNet(depth=14, in_channels=1, stem_width=8, stage_widths=[8, 16, 32]))
     return _dense(0, 1, cfg=[16, 'M', 32, 'M', 64])
 
-def _epochs(method): return dict(sparse_epochs=1 if 'sparsity' in METHODS[method] else 0, prune_epochs=1, finetune_epochs=1)
+def _epochs(method): return dict(sparse_epochs=1 if METHODS[method].sparsity else 0, prune_epochs=1, finetune_epochs=1)
 
 @pytest.mark.parametrize('method', ['l1', 'magnitude', 'sss'])
 def test_methods_by_ratio(method):
@@ -104,13 +104,53 @@ def test_resume_finished_run(tmp_path, monkeypatch):
     assert r.slim['macs'] == first.slim['macs']
     assert r.slim['accuracy'] == pytest.approx(first.slim['accuracy'])
 
-def test_resume_with_other_settings(tmp_path):
+@pytest.mark.parametrize('change', [dict(target_macs=0.5), dict(min_keep=0.2), dict(T=2.), dict(n_steps=2), dict(lr=2e-2)])
+def test_resume_with_other_settings(tmp_path, change):
+    "Any option that changes what is trained stops a resume: the budget, `min_keep`, a distillation or pruning option, `lr`"
     base = _dense(0, 1, cfg=[16, 'M', 32, 'M', 64])
     _slim(copy.deepcopy(base), 'slimming', path=tmp_path, **SETTINGS)
     learn = copy.deepcopy(base); sd = _state(learn.model)
     with pytest.raises(ValueError, match='other settings'):
-        _slim(learn, 'slimming', path=tmp_path, resume=True, **{**SETTINGS, 'target_macs': 0.5})
+        _slim(learn, 'slimming', path=tmp_path, resume=True, **{**SETTINGS, **change})
     assert _same(sd, _state(learn.model))
+
+def test_resume_ignores_what_only_reports(tmp_path, monkeypatch):
+    "`strict`, `tolerance` and `measure_speed` change what is reported or whether to stop, not what is trained: a resume accepts them"
+    base = _dense(0, 1, cfg=[16, 'M', 32, 'M', 64])
+    first = _slim(copy.deepcopy(base), 'slimming', path=tmp_path, **SETTINGS)
+    calls = _count_fits(monkeypatch)
+    r = _slim(copy.deepcopy(base), 'slimming', path=tmp_path, resume=True, strict=True, tolerance=0.5, **SETTINGS)
+    assert calls == [] and r.slim['macs'] == first.slim['macs']
+
+NEXT = dict(sparse='prune', prune='finetune')
+
+@pytest.mark.filterwarnings('ignore:learn.slim. sparsity training cost:UserWarning')   # one epoch of a tiny net, steered hard
+@pytest.mark.parametrize('stage', ['sparse', 'prune'])
+@pytest.mark.parametrize('method', sorted(METHODS))
+def test_resume_every_method(method, stage, tmp_path, monkeypatch):
+    "Interrupted right after `stage`, every method resumes from that stage's checkpoint, trains only what is left, and finishes slim"
+    import fastslim.slim as S
+    from fastslim.plan import plan_of
+    base, kw = _method_learn(method), dict(ratio=0.5, **_epochs(method))
+    def die(self): raise KeyboardInterrupt('simulated')
+    monkeypatch.setattr(S.SlimRun, NEXT[stage], die)
+    with pytest.raises(KeyboardInterrupt): _slim(copy.deepcopy(base), method, path=tmp_path, **kw)
+    saved = torch.load(tmp_path/f'{stage}.pt', map_location='cpu', weights_only=True)['state_dict']
+    monkeypatch.undo()
+    seen, orig = [], getattr(S.SlimRun, NEXT[stage])
+    def spy(self): seen.append((_state(self.learn.model), plan_of(self.learn.model))); return orig(self)
+    monkeypatch.setattr(S.SlimRun, NEXT[stage], spy)
+    calls = _count_fits(monkeypatch)
+    learn = copy.deepcopy(base)
+    r = _slim(learn, method, path=tmp_path, resume=True, **kw)
+    (state, plan), = seen
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)   # the checkpoint, not the dense net
+    assert (plan is not None) == (stage == 'prune' and method != 'sss' or method == 'group_lasso')  # masks (group lasso's plan) come back
+    assert calls == [1] * (2 if stage == 'sparse' and kw['prune_epochs'] else 1), calls             # only what was left trains
+    assert [s['stage'] for s in r.stages][0] == 'dense' and r.stages[-1]['stage'] == 'finetune'
+    assert r.slim['accuracy'] == pytest.approx(accuracy_of(learn)) and r.slim['accuracy'] > 0.3
+    if method == 'magnitude': assert r.slim['macs'] == r.dense['macs'] and r.slim['sparsity'] > 0.4
+    else: assert r.slim['macs'] < 0.9 * r.dense['macs'], (r.slim['macs'], r.dense['macs'])
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(method='nope', target_macs=0.5), 'method'),
@@ -151,7 +191,9 @@ def test_teacher_is_the_original_network(monkeypatch):
     learn = _dense(0, epochs=1)
     original, seen = _state(learn.model), []
     class Spy(S.DistillCallback):
-        def __init__(self, teacher, **kw): seen.append(_state(teacher)); super().__init__(teacher, **kw)
+        def __init__(self, teacher, **kw):
+            if teacher is not None: seen.append(_state(teacher))   # None: the config checking the options
+            super().__init__(teacher, **kw)
     monkeypatch.setattr(S, 'DistillCallback', Spy)
     _slim(learn, 'slimming', target_macs=0.5, sparse_epochs=1, prune_epochs=1, finetune_epochs=1)
     assert len(seen) == 1 and _same(seen[0], original)
@@ -178,7 +220,7 @@ def test_sparsity_guard_warns_and_strict_stops(tmp_path, monkeypatch):
             with torch.no_grad():
                 for m in self.model.modules():
                     if isinstance(m, torch.nn.BatchNorm2d): m.weight.zero_()
-    monkeypatch.setattr(S, '_sparsity_cb', lambda *a, **k: Ruin())
+    monkeypatch.setattr(S.METHODS['slimming'], 'sparsity_cb', lambda cfg: Ruin())
     learn = _dense(0, 2, cfg=[16, 'M', 32, 'M', 64])
     sd = _state(learn.model)
     kw = dict(target_macs=0.5, sparse_epochs=1, prune_epochs=0, finetune_epochs=0)
@@ -199,3 +241,17 @@ def test_sss_slim_model_saves_and_loads(tmp_path):
     back = load_slim(tmp_path/'slim.pt', make)
     x = learn.dls.one_batch()[0][:4]
     with torch.no_grad(): assert torch.equal(back.eval()(x), learn.model.eval()(x))
+
+def test_sss_prune_stage_trains_prune_epochs_at_lr(monkeypatch):
+    "Sparse Structure Selection's stage 2 trains `prune_epochs` at `lr` with the dead blocks already removed (it once trained none)"
+    from fastslim.blocks import ShortcutBlock
+    learn = _method_learn('sss')
+    fits, orig = [], Learner.fit_one_cycle
+    def fit(self, n, lr, **kw):
+        fits.append((n, lr, any(isinstance(m, ShortcutBlock) for m in self.model.modules())))
+        return orig(self, n, lr, **kw)
+    monkeypatch.setattr(Learner, 'fit_one_cycle', fit)
+    r = _slim(learn, 'sss', ratio=0.5, sparse_epochs=1, prune_epochs=2, finetune_epochs=1, lr=5e-3)
+    assert fits == [(1, 5e-3, False), (2, 5e-3, True), (1, 5e-3, True)], fits
+    stages = {s['stage']: s for s in r.stages}
+    assert stages['pruned (BN stats only)']['macs'] < 0.9 * r.dense['macs']   # the removed blocks no longer count
