@@ -13,30 +13,22 @@ from torch import nn
 from fastcore.basics import *
 from .core import *
 from .checks import *
-from .plan import SlimPlan, _min_keep, _unit_scores
+from .plan import SlimPlan
+from .plan.group import bn_members
+from .plan.select import select_per_group, resolve_ratios
+
+_all_ = ['select_per_group']   # moved to fastslim.plan.select, still importable from here
 
 # %% auto #0
-__all__ = ['Criterion', 'register_criterion', 'list_criteria', 'get_criterion', 'group_consumers', 'L1Norm', 'select_per_group',
-           'thinet_order', 'ThiNet', 'lasso_order', 'Regression', 'Slimming', 'SoftFilter', 'FPGM', 'Taylor',
-           'Magnitude', 'SSS', 'layer_error']
+__all__ = ['Criterion', 'register_criterion', 'list_criteria', 'get_criterion', 'group_consumers', 'bn_scores',
+           'magnitude_scores', 'l1_scores', 'l2_scores', 'L1Norm', 'thinet_order', 'ThiNet', 'lasso_order',
+           'Regression', 'Slimming', 'SoftFilter', 'FPGM', 'Taylor', 'Magnitude', 'SSS', 'layer_error',
+           'select_per_group']
 
 # %% ../nbs/30_criteria.ipynb #4b975170
 def _normalized(scores):
     "Each group's scores divided by their mean (groups whose scores are all zero are left as they are)"
     return {k: v / v.mean() if v.numel() and float(v.mean()) > 0 else v for k, v in scores.items()}
-
-def _check_count(v, name):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
-    return v
-
-def _check_target(ratio, target_macs, scope):
-    "Checks of a one-shot request, made before anything is scored or changed"
-    if (ratio is None) == (target_macs is None): raise ValueError("give exactly one of `ratio` and `target_macs`")
-    check_choice(scope, {'global', 'local'}, 'scope')
-    if ratio is not None and not isinstance(ratio, dict): check_ratio(ratio, 'ratio')
-    if target_macs is not None:
-        check_open_fraction(target_macs, 'target_macs')
-        if scope == 'local': raise ValueError("`target_macs` needs `scope='global'`")
 
 # %% ../nbs/30_criteria.ipynb #e34ad82e
 class Criterion:
@@ -66,8 +58,8 @@ class Criterion:
              ) -> SlimPlan:
         "One-shot pruning of `plan`: score, select, reconstruct and (with `apply`) zero the masked weights"
         scope = scope or ('global' if target_macs is not None else self.default_scope)
-        _check_target(ratio, target_macs, scope)
-        if isinstance(ratio, dict): ratio = _resolve_ratios(plan, ratio)
+        check_target(ratio, target_macs, scope)   # before anything is scored or changed
+        if isinstance(ratio, dict): ratio = resolve_ratios(plan, ratio)
         if self.needs_data: _check_data(dls, self.name)
         s = self.scores(plan, dls)
         if isinstance(ratio, dict): select_per_group(plan, s, ratio, min_keep=min_keep)
@@ -135,12 +127,11 @@ def _supported(m):
 def group_consumers(plan:SlimPlan, group) -> list:
     "[(name, layer, input indices, group channel indices)] of the dense conv/linear layers reading `group`'s channels"
     res = {}
-    for it in group.items:
-        m = it.dep.target.module
-        if not ('in' in it.dep.handler.__name__ and isinstance(m, nn.Module) and _supported(m)): continue
-        name = plan._module_names[id(m)]
+    for m, ins, outs in group.readers():
+        if not (isinstance(m, nn.Module) and _supported(m)): continue
+        name = plan.module_name(m)
         idxs, roots = res.get(name, (None, m, [], []))[2:]
-        res[name] = (name, m, idxs + list(it.idxs), roots + list(it.root_idxs))
+        res[name] = (name, m, idxs + ins, roots + outs)
     return [(n, m, torch.tensor(i), torch.tensor(r)) for n, m, i, r in res.values()]
 
 # %% ../nbs/30_criteria.ipynb #645b7df8
@@ -239,7 +230,7 @@ class _Reconstructing(Criterion):
     needs_data, default_scope = True, 'local'
     def __init__(self, n_batches:int=4, n_samples:int=512, reconstruct_layers:bool=True, seed:int=0, normalize:bool=True):
         super().__init__(normalize)
-        self.n_batches, self.n_samples = _check_count(n_batches, 'n_batches'), _check_count(n_samples, 'n_samples')
+        self.n_batches, self.n_samples = check_count(n_batches, 'n_batches'), check_count(n_samples, 'n_samples')
         self.reconstruct_layers, self.seed = reconstruct_layers, seed
 
     def _data(self, plan, dls, valid=False):
@@ -273,51 +264,40 @@ class _Reconstructing(Criterion):
         plan.apply()
         return plan
 
+# %% ../nbs/30_criteria.ipynb #44bad365
+def bn_scores(plan:SlimPlan) -> dict:
+    "Network Slimming's score: |gamma| of the BatchNorm that follows each group's root (mean when several do)"
+    res = {}
+    for g in plan.groups:
+        bns = bn_members(g)
+        if bns: res[g.name] = torch.stack([b.weight.detach().abs().float().cpu()[i] for b, i in bns]).mean(0)
+    if not res: raise ValueError("the model has no BatchNorm coupled to a prunable group: BN-scale scores need BatchNorm")
+    return res
+
+def magnitude_scores(plan:SlimPlan, p:int=1, layers:str='root') -> dict:
+    "L`p` norm of each output filter of the root layer (`layers='root'`), or of all coupled weights ('all', p=2)"
+    if layers == 'all': return {g.name: g.channel_sq_norms().detach().float().cpu().sqrt() for g in plan.groups}
+    res = {}
+    for g in plan.groups:
+        w = g.root.weight.detach().float().cpu()
+        w = w.transpose(0, 1) if isinstance(g.root, nn.modules.conv._ConvTransposeNd) else w
+        res[g.name] = w.flatten(1).norm(p=p, dim=1)
+    return res
+
+def l1_scores(plan:SlimPlan) -> dict:
+    "L1 norm of each output filter of every group's root layer"
+    return magnitude_scores(plan, p=1)
+
+def l2_scores(plan:SlimPlan) -> dict:
+    "L2 norm of each output filter of every group's root layer"
+    return magnitude_scores(plan, p=2)
+
 # %% ../nbs/30_criteria.ipynb #aa78ce96
 @register_criterion
 class L1Norm(Criterion):
     "L1 norm of each filter of the group's root layer (Li et al. 2017)"
     name, default_scope = 'l1', 'local'
-    def _scores(self, plan, dls): return plan.magnitude_scores(p=1)
-
-# %% ../nbs/30_criteria.ipynb #fc28b8ff
-def _resolve_ratios(plan, ratios:dict) -> dict:
-    "{group name: ratio} from `ratios`, whose keys are group names or module prefixes (longest match wins)"
-    names = [g.name for g in plan.groups]
-    for k, v in ratios.items():
-        if not isinstance(k, str): raise ValueError(f"`ratio` keys must be group names or module prefixes, got {k!r}")
-        check_ratio(v, f'ratio[{k!r}]')
-        if not any(k == '' or n == k or n.startswith(k + '.') for n in names):
-            raise ValueError(f"`ratio` key {k!r} matches no channel group; the groups are {names}")
-    res = {}
-    for n in names:
-        keys = [k for k in ratios if k == '' or n == k or n.startswith(k + '.')]
-        if keys: res[n] = float(ratios[max(keys, key=len)])
-    return res
-
-def select_per_group(plan:SlimPlan,
-                     scores:dict, # {group name: per-channel importance}
-                     ratios:dict, # {group name or module prefix: share of channels to remove}
-                     min_keep:int|float=None, # floor per group; default: the plan's
-                    ) -> SlimPlan:
-    "Set the keep-masks with a share per group: each group loses its lowest-scoring `ratios[group]` channels"
-    ratios = _resolve_ratios(plan, ratios)
-    min_keep = plan.min_keep if min_keep is None else plan._check_min_keep(min_keep)
-    plan._check_scores(scores)
-    missing = [n for n in ratios if n not in scores]
-    if missing: raise ValueError(f"`scores` has no entry for the groups {missing} that `ratios` prunes")
-    keeps = {}
-    for g in plan.groups:                             # compute every mask before writing any
-        keep = torch.ones(g.size, dtype=torch.bool)
-        if g.name in ratios:
-            s = _unit_scores(scores[g.name].float().cpu(), g.period)
-            per = g.size // len(s)
-            floor = _min_keep(min_keep, g.size, len(s), g.name) // per
-            n = min(round(ratios[g.name] * len(s)), len(s) - floor)
-            for u in torch.argsort(s, stable=True)[:n].tolist(): keep[u::g.period] = False
-        keeps[g.name] = keep
-    for g in plan.groups: g.keep.copy_(keeps[g.name])
-    return plan
+    def _scores(self, plan, dls): return magnitude_scores(plan, p=1)
 
 # %% ../nbs/30_criteria.ipynb #1455f2cd
 def thinet_order(G:torch.Tensor) -> torch.Tensor:
@@ -374,7 +354,7 @@ class Regression(_Reconstructing):
     def __init__(self, n_batches:int=4, n_samples:int=512, reconstruct_layers:bool=True, seed:int=0,
                  normalize:bool=True, n_alphas:int=100):
         super().__init__(n_batches, n_samples, reconstruct_layers, seed, normalize)
-        self.n_alphas = _check_count(n_alphas, 'n_alphas')
+        self.n_alphas = check_count(n_alphas, 'n_alphas')
     def _scores(self, plan, dls): return {k: lasso_order(G, self.n_alphas) for k, G in self._grams(plan, dls).items()}
 
     def _fit(self, m, x, y, kept):
@@ -390,13 +370,13 @@ class Slimming(Criterion):
     "Network Slimming: |gamma| of the BatchNorm after each group's root, one global threshold (Liu et al. 2017)"
     name, default_scope = 'slimming', 'global'
     def __init__(self, normalize:bool=False): super().__init__(normalize)
-    def _scores(self, plan, dls): return plan.bn_scores()
+    def _scores(self, plan, dls): return bn_scores(plan)
 
 @register_criterion
 class SoftFilter(Criterion):
     "Soft Filter Pruning: L2 norm of each filter, the same share per layer, re-selected every epoch (He et al. 2018)"
     name, default_scope, soft = 'sfp', 'local', True
-    def _scores(self, plan, dls): return plan.magnitude_scores(p=2)
+    def _scores(self, plan, dls): return magnitude_scores(plan, p=2)
 
 def _filters(m):
     w = m.weight.detach().float()
@@ -417,7 +397,7 @@ class Taylor(Criterion):
     name, needs_data, default_scope = 'taylor', True, 'global'
     def __init__(self, loss_func=None, n_batches:int=4, normalize:bool=True):
         super().__init__(normalize)
-        self.loss_func, self.n_batches = loss_func, _check_count(n_batches, 'n_batches')
+        self.loss_func, self.n_batches = loss_func, check_count(n_batches, 'n_batches')
 
     def _scores(self, plan, dls):
         loss_func = self.loss_func or getattr(dls, 'loss_func', None)
@@ -440,7 +420,7 @@ class Taylor(Criterion):
 def _grad_weight(g):
     "(size,) sum of grad * weight over every weight coupled to each channel of group `g`"
     tot = torch.zeros(g.size, device=g.keep.device)
-    for p, dim, (rows, roots) in g._slices():
+    for p, dim, (rows, roots) in g.slices():
         if p.grad is None: continue
         gw = (p.grad * p).detach().float()
         s = gw.sum(dim=[d for d in range(p.ndim) if d != dim]) if p.ndim > 1 else gw
@@ -487,7 +467,7 @@ class SSS(Criterion):
 
     def prune(self, plan, ratio:float=None, dls=None, **kwargs):
         "Zero the smallest branch scales so that the share `ratio` of the blocks is off; returns the model"
-        from fastslim.sparsity import residual_blocks, BranchScale, _end_path
+        from fastslim.sparsity import residual_blocks, BranchScale
         if kwargs: raise ValueError(f"block pruning takes only `ratio`, not {sorted(kwargs)}")
         ratio = check_ratio(ratio, 'ratio')
         model = self._model(plan)
@@ -495,7 +475,7 @@ class SSS(Criterion):
         names = sorted(s, key=lambda k: s[k])[:round(ratio * len(s))]
         blocks = residual_blocks(model)
         with torch.no_grad():
-            for n in names: blocks[n].get_submodule(_end_path(blocks[n])).scale.zero_()
+            for n in names: next(m for m in blocks[n].modules() if isinstance(m, BranchScale)).scale.zero_()
         return model
 
 # %% ../nbs/30_criteria.ipynb #2ace0dba

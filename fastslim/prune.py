@@ -16,10 +16,44 @@ from fastai.learner import Learner
 from .core import *
 from .checks import *
 from .plan import SlimPlan, plan_of
+from .plan.group import check_min_keep
 from .schedule import PruneSchedule, OneShot, Iterative, AGP
 
 # %% auto #0
-__all__ = ['PruneCallback', 'recalibrate_bn', 'scratch_model', 'scratch_epochs', 'scratch_learner', 'scratch_e', 'scratch_b']
+__all__ = ['MaskCallback', 'PruneCallback', 'recalibrate_bn', 'scratch_model', 'scratch_epochs', 'scratch_learner', 'scratch_e',
+           'scratch_b']
+
+# %% ../nbs/31_prune.ipynb #c7ef09af
+class MaskCallback(Callback):
+    "Keep the plan's masked weights at zero during `fit` (hard mode), or leave them free to regrow (soft mode)"
+    order = 5   # before MixedPrecision (10) steps the optimizer in `before_step`, so gradients are masked first
+    def __init__(self, plan:SlimPlan):
+        if not isinstance(plan, SlimPlan): raise ValueError(f"`plan` must be a SlimPlan, got {type(plan).__name__}")
+        self.plan, self.hard = plan, plan.hard
+    def __getstate__(self):
+        "Pickled (by `learn.export`) without the plan: the masks are buffers of the model, and `before_fit` finds them again"
+        return {**self.__dict__, 'plan': None, 'hard': self.plan.hard if self.plan is not None else self.hard}
+    def before_fit(self):
+        if self.plan is None or self.plan.model is not self.learn.model:   # after `load_learner`, or a new model
+            self.plan = plan_of(self.learn.model) or SlimPlan(self.learn.model, example_batch(self.learn.dls))
+            self.plan.hard = self.hard
+        self.plan.apply(getattr(self.learn, 'opt', None), filters_only=not self.plan.hard)
+    def before_step(self):
+        if self.plan.hard: self.plan.mask_grads()
+    def after_step(self):
+        if self.plan.hard: self.plan.apply()
+
+# %% ../nbs/31_prune.ipynb #420fb500
+@patch
+def compact(self:Learner, plan:SlimPlan=None):
+    "Replace `self.model` by `plan`'s compacted model and rebuild the optimizer on its parameters"
+    plan = plan or plan_of(self.model)
+    if plan is None: raise ValueError("`plan` is required: no SlimPlan was built on this learner's model")
+    if plan.model is not self.model: raise ValueError("`plan` was built on another model than this learner's")
+    dev = model_device(self.model)
+    self.model = plan.compact().to(dev)
+    self.create_opt()
+    return self.model
 
 # %% ../nbs/31_prune.ipynb #a95bd133
 def _schedule(schedule, start, end, n_steps):
@@ -60,29 +94,23 @@ class PruneCallback(Callback):
                  compact_at_end:bool=False, # replace the learner's model by the compacted one after `fit`
                  rewind_epoch:int=None, # lottery-ticket rewinding: reset survivors to their values after this epoch
                  plan:SlimPlan=None, # an existing plan on the learner's model (default: built in `before_fit`)
-                 verify:bool|str=None, # check the compacted model after each step ('equal', 'runs', False); default: the plan's ('equal' outputs)
+                 verify:bool|str=None, # check the compacted model after each step ('equal', 'runs', False); default: the plan's (`defaults.verify`)
                  **criterion_kwargs, # passed to the criterion (e.g. `n_batches` for data-driven ones)
                 ):
-        if (ratio is None) == (target_macs is None): raise ValueError("give exactly one of `ratio` and `target_macs`")
-        if ratio is not None: check_ratio(ratio, 'ratio')
-        if target_macs is not None: check_open_fraction(target_macs, 'target_macs')
+        check_target(ratio, target_macs, scope)
         check_choice(granularity, {'channel', 'weight'}, 'granularity')
-        if scope is not None: check_choice(scope, {'global', 'local'}, 'scope')
         if target_macs is not None and granularity == 'weight': raise ValueError("`target_macs` needs `granularity='channel'`")
-        if verify not in (None, True, False, 'equal', 'runs'): raise ValueError(f"`verify` must be None, True, False, 'equal' or 'runs', got {verify!r}")
-        if soft not in (None, True, False): raise ValueError(f"`soft` must be None, True or False, got {soft!r}")
-        if min_keep is not None and (isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not math.isfinite(min_keep)
-                                     or min_keep < 0 or (isinstance(min_keep, int) and min_keep < 1) or (isinstance(min_keep, float) and min_keep >= 1)):
-            raise ValueError(f"`min_keep` must be a count >= 1 or a fraction in [0, 1), got {min_keep!r}")
-        if rewind_epoch is not None and (not isinstance(rewind_epoch, int) or rewind_epoch < 0):
-            raise ValueError(f"`rewind_epoch` must be an epoch number >= 0, got {rewind_epoch!r}")
+        check_choice(verify, {None, True, False, 'equal', 'runs'}, 'verify')
+        if soft is not None: check_bool(soft, 'soft')
+        if min_keep is not None: check_min_keep(min_keep)
+        check_count(rewind_epoch, 'rewind_epoch', low=0, none_ok=True)
         self.schedule = _schedule(schedule, start, end, n_steps)
         self.crit = _criterion(criterion, **criterion_kwargs)
         if getattr(self.crit, 'granularity', 'channel') != granularity and not isinstance(self.crit, _FnCriterion):
             raise ValueError(f"criterion {criterion!r} scores {self.crit.granularity}s, but `granularity`={granularity!r}")
         self.soft = getattr(self.crit, 'soft', False) if soft is None else soft
         self.scope = scope or ('global' if target_macs is not None else getattr(self.crit, 'default_scope', 'global'))
-        if target_macs is not None and self.scope == 'local': raise ValueError("`target_macs` needs `scope='global'`")
+        check_target(ratio, target_macs, self.scope)
         store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify')
         self.log = []
 
@@ -90,83 +118,72 @@ class PruneCallback(Callback):
         "Pickled (by `learn.export`) without the plan: the masks are buffers of the model, and `before_fit` finds them again"
         return {k: v for k, v in self.__dict__.items() if k != 'plan'} | dict(plan=None)
 
-# %% ../nbs/31_prune.ipynb #e8b18c41
-@patch
-def before_fit(self:PruneCallback):
-    if hasattr(self.learn, 'lr_finder'): return
-    if getattr(self.crit, 'needs_data', False) and getattr(self.learn, 'dls', None) is None:
-        raise ValueError("this criterion needs data: the learner has no `dls`")
-    if self.plan is None or self.plan.model is not self.learn.model: self.plan = self._plan_for(self.learn)
-    self.plan.hard = not self.soft
-    n_iters = self.learn.n_epoch * len(self.learn.dls.train)
-    self.steps = {} if self.soft else dict(zip(self.schedule.steps(n_iters), self.schedule.fractions))
-    self.rewind_state = copy.deepcopy(self.learn.model.state_dict()) if self.rewind_epoch == 0 else None
+    def before_fit(self):
+        if hasattr(self.learn, 'lr_finder'): return
+        if getattr(self.crit, 'needs_data', False) and getattr(self.learn, 'dls', None) is None:
+            raise ValueError("this criterion needs data: the learner has no `dls`")
+        if self.plan is None or self.plan.model is not self.learn.model: self.plan = self._plan_for(self.learn)
+        self.plan.hard = not self.soft
+        n_iters = self.learn.n_epoch * len(self.learn.dls.train)
+        self.steps = {} if self.soft else dict(zip(self.schedule.steps(n_iters), self.schedule.fractions))
+        self.rewind_state = copy.deepcopy(self.learn.model.state_dict()) if self.rewind_epoch == 0 else None
 
-@patch
-def _plan_for(self:PruneCallback, learn:Learner):
-    "The plan already on `learn.model`, or a new one built on an example batch of all its inputs"
-    kw = {} if self.min_keep is None else dict(min_keep=self.min_keep)
-    return plan_of(learn.model) or SlimPlan(learn.model, example_batch(learn.dls), **kw)
+    def _plan_for(self, learn:Learner):
+        "The plan already on `learn.model`, or a new one built on an example batch of all its inputs (`example_batch`)"
+        kw = {} if self.min_keep is None else dict(min_keep=self.min_keep)
+        return plan_of(learn.model) or SlimPlan(learn.model, example_batch(learn.dls), **kw)
 
-@patch
-def _prune_step(self:PruneCallback, frac:float):
-    "Select and apply masks for fraction `frac` of the final target"
-    plan, dls = self.plan, self.learn.dls
-    if self.granularity == 'channel' and not plan.groups:
-        why = '; '.join(f'{k}: {v}' for k, v in list(plan.skipped.items())[:3]) or 'no conv or linear layer feeds another'
-        raise ValueError(f"{type(plan.model).__name__} has no channel group PruneCallback can prune ({why})")
-    scores = self.crit.scores(plan, dls)
-    kw = dict(min_keep=self.min_keep) if self.min_keep is not None and self.granularity == 'channel' else {}
-    if self.granularity == 'weight': plan.prune_weights(self.ratio * frac, scores=scores, scope=self.scope)
-    elif self.target_macs is not None: plan.select(scores, target_macs=1 - frac * (1 - self.target_macs), verify=self.verify, **kw)
-    else: plan.select(scores, ratio=self.ratio * frac, scope=self.scope, verify=self.verify, **kw)
-    if hasattr(self.crit, 'reconstruct'): self.crit.reconstruct(plan, dls)
-    if self.rewind_state is not None: self._rewind()
-    plan.apply(self.learn.opt, filters_only=self.soft)
-    self.log.append(dict(iter=getattr(self.learn, 'train_iter', None), epoch=getattr(self.learn, 'epoch', None), frac=frac,
-                         kept=sum(g.n_keep for g in plan.groups), total=sum(g.size for g in plan.groups)))
+    def _prune_step(self, frac:float):
+        "Select and apply masks for fraction `frac` of the final target"
+        plan, dls = self.plan, self.learn.dls
+        if self.granularity == 'channel' and not plan.groups:
+            why = '; '.join(f'{k}: {v}' for k, v in list(plan.skipped.items())[:3]) or 'no conv or linear layer feeds another'
+            raise ValueError(f"{type(plan.model).__name__} has no channel group PruneCallback can prune ({why})")
+        scores = self.crit.scores(plan, dls)
+        kw = dict(min_keep=self.min_keep) if self.min_keep is not None and self.granularity == 'channel' else {}
+        if self.granularity == 'weight': plan.prune_weights(self.ratio * frac, scores=scores, scope=self.scope)
+        elif self.target_macs is not None: plan.select(scores, target_macs=1 - frac * (1 - self.target_macs), verify=self.verify, **kw)
+        else: plan.select(scores, ratio=self.ratio * frac, scope=self.scope, verify=self.verify, **kw)
+        if hasattr(self.crit, 'reconstruct'): self.crit.reconstruct(plan, dls)
+        if self.rewind_state is not None: self._rewind()
+        plan.apply(self.learn.opt, filters_only=self.soft)
+        self.log.append(dict(iter=getattr(self.learn, 'train_iter', None), epoch=getattr(self.learn, 'epoch', None), frac=frac,
+                             kept=sum(g.n_keep for g in plan.groups), total=sum(g.size for g in plan.groups)))
 
-@patch
-def prune_now(self:PruneCallback, learn:Learner):
-    "Prune `learn`'s model to the full target at once, outside `fit` (what a one-shot schedule does at `start`)"
-    self.learn = learn
-    if self.plan is None or self.plan.model is not learn.model: self.plan = self._plan_for(learn)
-    self.plan.hard, self.rewind_state = not self.soft, None
-    if getattr(learn, 'opt', None) is None: learn.create_opt()
-    self._prune_step(1.)
-    return self.plan
+    def prune_now(self, learn:Learner):
+        "Prune `learn`'s model to the full target at once, outside `fit` (what a one-shot schedule does at `start`)"
+        self.learn = learn
+        if self.plan is None or self.plan.model is not learn.model: self.plan = self._plan_for(learn)
+        self.plan.hard, self.rewind_state = not self.soft, None
+        if getattr(learn, 'opt', None) is None: learn.create_opt()
+        self._prune_step(1.)
+        return self.plan
 
-@patch
-def _rewind(self:PruneCallback):
-    "Lottery-ticket rewinding: survivors take back their values from `rewind_epoch`"
-    with torch.no_grad():
-        for k, v in self.learn.model.state_dict().items():
-            if k in self.rewind_state and 'slim_' not in k and v.dtype.is_floating_point: v.copy_(self.rewind_state[k])
+    def _rewind(self):
+        "Lottery-ticket rewinding: survivors take back their values from `rewind_epoch`"
+        with torch.no_grad():
+            for k, v in self.learn.model.state_dict().items():
+                if k in self.rewind_state and 'slim_' not in k and v.dtype.is_floating_point: v.copy_(self.rewind_state[k])
 
-@patch
-def before_batch(self:PruneCallback):
-    if self.training and self.learn.train_iter in getattr(self, 'steps', {}): self._prune_step(self.steps[self.learn.train_iter])
+    def before_batch(self):
+        if self.training and self.learn.train_iter in getattr(self, 'steps', {}): self._prune_step(self.steps[self.learn.train_iter])
 
-@patch
-def before_step(self:PruneCallback):
-    if self.plan.hard: self.plan.mask_grads()
+    def before_step(self):
+        if self.plan.hard: self.plan.mask_grads()
 
-@patch
-def after_step(self:PruneCallback):
-    if self.plan.hard: self.plan.apply()
+    def after_step(self):
+        if self.plan.hard: self.plan.apply()
 
-@patch
-def after_epoch(self:PruneCallback):
-    if self.rewind_epoch is not None and self.epoch + 1 == self.rewind_epoch:
-        self.rewind_state = copy.deepcopy(self.learn.model.state_dict())
-    if self.soft and self.schedule.start <= (self.epoch + 1) / self.n_epoch and self.epoch / self.n_epoch < self.schedule.end + 1e-9:
-        self._prune_step(1.)    # SFP: same rate every epoch, masks recomputed, filters zeroed and free to regrow
+    def after_epoch(self):
+        if self.rewind_epoch is not None and self.epoch + 1 == self.rewind_epoch:
+            self.rewind_state = copy.deepcopy(self.learn.model.state_dict())
+        if self.soft and self.schedule.start <= (self.epoch + 1) / self.n_epoch and self.epoch / self.n_epoch < self.schedule.end + 1e-9:
+            self._prune_step(1.)    # SFP: same rate every epoch, masks recomputed, filters zeroed and free to regrow
 
-@patch
-def after_fit(self:PruneCallback):
-    if not hasattr(self, 'steps'): return
-    if self.soft: self.plan.apply()   # the last mask is final: zero everything it covers
-    if self.compact_at_end: self.learn.compact(self.plan)
+    def after_fit(self):
+        if not hasattr(self, 'steps'): return
+        if self.soft: self.plan.apply()   # the last mask is final: zero everything it covers
+        if self.compact_at_end: self.learn.compact(self.plan)
 
 # %% ../nbs/31_prune.ipynb #27fad76b
 def recalibrate_bn(model:nn.Module, dl, n_batches:int=20,

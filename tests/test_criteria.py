@@ -10,7 +10,8 @@ from torch import nn
 from fastai.vision.all import Learner, CrossEntropyLossFlat, accuracy, set_seed
 from fastslim.core import count_macs, eval_mode
 from fastslim.data import digits_dls
-from fastslim.plan import SlimPlan, MaskCallback
+from fastslim.plan import SlimPlan
+from fastslim.prune import MaskCallback
 from fastslim.criteria import *
 
 warnings.filterwarnings('ignore', message='.*CUDA is not available.*')

@@ -7,7 +7,8 @@ from fastai.optimizer import SGD as fSGD, Adam as fAdam, RAdam as fRAdam, Lamb a
 from fastai.callback.training import GradientAccumulation
 from fastslim.core import count_macs, count_params, eval_mode
 from fastslim.data import digits_dls
-from fastslim.plan import SlimPlan, MaskCallback, save_slim, load_slim, plan_of
+from fastslim.plan import SlimPlan, save_slim, load_slim, plan_of
+from fastslim.prune import MaskCallback   # also patches `Learner.compact`
 
 def small_cnn(c=16):
     return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
@@ -264,7 +265,9 @@ def test_summary_counts():
 # ---------------------------------------------------------------- robustness: never crash, never hang
 import itertools, time, timm
 import torch_pruning as tp
-import fastslim.plan as plan_mod
+from fastslim.plan import tp_compat
+from fastslim.plan.budget import Budget
+from fastslim.plan.compact import Verifier
 from fastslim.plan import PlanError, PlanTimeout, PlanMemoryError
 
 def test_shufflenet_barrier_keeps_the_rest_equivalent():
@@ -303,14 +306,14 @@ def _state_hash(model):
 def test_memory_limit_interrupts_cleanly(monkeypatch):
     "Deterministic: resident memory is mocked past the limit from the watchdog's first poll, and the build waits for it"
     readings = iter([0.])                                                # the baseline, then far past any limit
-    monkeypatch.setattr(plan_mod, '_rss_gib', lambda: next(readings, 100.))
-    orig, waited = plan_mod._build_graph, []
+    monkeypatch.setattr(Budget, 'default_rss', lambda: next(readings, 100.))   # the budget's memory probe
+    orig, waited = tp_compat.build_graph, []
     def build_then_wait(*a, **k):
         DG = orig(*a, **k)
         end = time.monotonic() + 60
         while time.monotonic() < end: time.sleep(0.01); waited.append(1)   # until the watchdog interrupts (no race)
         return DG
-    monkeypatch.setattr(plan_mod, '_build_graph', build_then_wait)
+    monkeypatch.setattr(tp_compat, 'build_graph', build_then_wait)
     model = small_cnn()
     before = _state_hash(model)
     with pytest.raises(PlanMemoryError, match='`memory_limit`=2 GiB'):
@@ -359,8 +362,8 @@ def test_verify_bisects_instead_of_checking_every_group(monkeypatch):
     model = chain().eval()
     plan = SlimPlan(model, torch.randn(2, 1, 8, 8))
     calls = []
-    orig = SlimPlan._check
-    monkeypatch.setattr(SlimPlan, '_check', lambda self, *a: calls.append(1) or orig(self, *a))
+    orig = Verifier.check
+    monkeypatch.setattr(Verifier, 'check', lambda self, *a: calls.append(1) or orig(self, *a))
     plan.select(plan.l1_scores(), ratio=0.5, scope='local')
     bad = [g for g in plan.skipped]
     assert bad == [str(3 * 4)]                                       # the conv before the channel mean, only
@@ -370,7 +373,7 @@ def test_verify_bisects_instead_of_checking_every_group(monkeypatch):
     assert outputs_close(model, plan.compact(), torch.randn(2, 1, 8, 8))
 
 def test_verify_off_checks_nothing(monkeypatch):
-    monkeypatch.setattr(SlimPlan, '_check', lambda *a: pytest.fail('checked'))
+    monkeypatch.setattr(Verifier, 'check', lambda *a: pytest.fail('checked'))
     plan = SlimPlan(chain(6), torch.randn(2, 1, 8, 8), verify=False)
     plan.select(plan.l1_scores(), ratio=0.5)
     plan2 = SlimPlan(chain(6), torch.randn(2, 1, 8, 8))
@@ -447,15 +450,13 @@ def test_interrupt_swallowed_by_torch_pruning_still_times_out():
 def test_recorded_masks_equal_probed_masks(layer, monkeypatch):
     "The fast path (torch-pruning's own handlers, recorded) removes exactly what the index probes say it removes"
     import torch_pruning as tp
-    import fastslim.plan as P
+    from fastslim.plan.tp_compat import probe_removed, recorded
     pruner = tp.pruner.function.PrunerBox[tp.ops.module2type(layer)]
     for h in {pruner.prune_out_channels, pruner.prune_in_channels}:
         idxs = [0, 3] if h.__name__ == 'prune_out_channels' or not isinstance(layer, nn.Conv2d) or layer.groups == 1 else [0]
-        fast = P._probe_removed(layer, h, idxs)
-        assert P._recorded(layer, h, idxs, dict(layer.named_parameters())) is not None   # the fast path was taken
-        monkeypatch.setattr(P, '_recorded', lambda *a: None)
-        slow = P._probe_removed(layer, h, idxs)
-        monkeypatch.undo()
+        fast = probe_removed(layer, h, idxs)
+        assert recorded(layer, h, idxs, dict(layer.named_parameters())) is not None   # the fast path was taken
+        slow = probe_removed(layer, h, idxs, fast=False)                               # the probes only
         assert fast.keys() == slow.keys() and fast
         for n in fast: assert torch.equal(fast[n], slow[n]), n
 

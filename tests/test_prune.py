@@ -93,7 +93,7 @@ def test_bad_input_before_any_weight_changes(dls):
                      (dict(ratio=.5, min_keep=1.5), '`min_keep`'), (dict(ratio=.5, soft='x'), '`soft`'),
                      (dict(ratio=.5, verify='x'), '`verify`')]:
         with pytest.raises(ValueError, match=word): PruneCallback(criterion=l1, **kw)
-    from fastslim.plan import MaskCallback
+    from fastslim.prune import MaskCallback
     with pytest.raises(ValueError, match='`plan`'): MaskCallback(None)
 
 def test_scratch_baselines(dls):

@@ -6,7 +6,7 @@ from fastai.learner import Learner
 from fastai.callback.tracker import SaveModelCallback
 from fastslim.data import digits_dls
 from fastslim.plan import SlimPlan, save_slim, load_slim, plan_of
-import fastslim.plan as P
+import fastslim.plan.compact as P
 
 def small_cnn(c=8):
     return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
