@@ -158,8 +158,9 @@ def _choose(total, n, gen):
 # %% ../nbs/30_criteria.ipynb #0f2c93a4
 class _Stop(Exception): pass
 
-def _collect(model, layers:dict, batches, n_inp, n_samples, seed, stop_at=None):
-    "{name: sampled inputs of each layer in `layers`} over `batches`; positions depend only on `seed`, name and batch"
+def _collect(model, layers:dict, data, n_samples, seed, stop_at=None):
+    "{name: sampled inputs of each layer in `layers`} over `data` (batches, inputs per batch); positions depend only on `seed`, name and batch"
+    batches, n_inp = data
     got, state = {n: [] for n in layers}, {'b': 0}
     def hook(name):
         def f(m, args):
@@ -238,10 +239,10 @@ class _Reconstructing(Criterion):
 
     def _grams(self, plan, dls):
         "{group name: contribution Gram matrix} for the groups with supported consumers"
-        batches, n_inp = self._data(plan, dls)
+        data = self._data(plan, dls)
         cons = {g.name: group_consumers(plan, g) for g in plan.groups}
         layers = {n: m for cs in cons.values() for n, m, *_ in cs}
-        inputs = _collect(plan.model, layers, batches, n_inp, self.n_samples, self.seed)
+        inputs = _collect(plan.model, layers, data, self.n_samples, self.seed)
         return {g.name: _contribution_gram(plan, g, inputs) for g in plan.groups if cons[g.name]}
 
     def reconstruct(self, plan:SlimPlan, dls=None, reference:nn.Module=None):
@@ -251,13 +252,13 @@ class _Reconstructing(Criterion):
         removed = _removed_inputs(plan)
         if not removed: return plan
         ref = reference if reference is not None else copy.deepcopy(plan.model)
-        batches, n_inp = self._data(plan, dls)
+        data = self._data(plan, dls)
         plan.apply()
         ref_mods = dict(ref.named_modules())
-        targets = _collect(ref, {n: ref_mods[n] for n in removed}, batches, n_inp, self.n_samples, self.seed)
+        targets = _collect(ref, {n: ref_mods[n] for n in removed}, data, self.n_samples, self.seed)
         for name in [n for n in _forward_order(plan.model, plan.example) if n in removed]:
             m, gone = removed[name]
-            x = _collect(plan.model, {name: m}, batches, n_inp, self.n_samples, self.seed, stop_at=name)[name]
+            x = _collect(plan.model, {name: m}, data, self.n_samples, self.seed, stop_at=name)[name]
             y = torch.einsum('sck,ock->so', targets[name], _wview(ref_mods[name].weight.detach().float()))
             kept = torch.tensor([c for c in range(x.shape[1]) if c not in gone], device=x.device, dtype=torch.long)
             with torch.no_grad(): self._fit(m, x[:, kept], y, kept)

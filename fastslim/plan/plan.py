@@ -99,7 +99,7 @@ class SlimPlan:
                  model:nn.Module, # the network to slim; masks are added to it as buffers
                  example, # an example input batch (a tensor or a tuple of tensors)
                  ignored:list=None, # names (or modules) of layers whose output channels are never pruned
-                 min_keep:int|float=1, # channels every group keeps: a count, or a fraction of the group
+                 min_keep:int|float=1, # channels every group keeps: a count, or a fraction of the group (`learn.slim` passes `defaults.min_keep`)
                  hard:bool=True, # keep masked weights at exactly zero after every optimizer step
                  root_types=(nn.modules.conv._ConvNd, nn.Linear), # layer types whose output channels root a group
                  time_limit:float=120., # seconds allowed to build the plan, and to each compaction
