@@ -21,4 +21,5 @@ from .prune import *
 from .report import *
 from .slim import *
 from .export import *
+from .quantize import *
 __all__ = [o for o in dir() if not o.startswith('_')]

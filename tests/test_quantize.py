@@ -1,0 +1,94 @@
+"QuantizeCallback: fake quantisers inserted, the freeze schedule honoured, the teacher untouched, the int8 result runs."
+import warnings
+import pytest, torch
+from torch import nn
+from fastai.vision.all import Learner, Callback, accuracy, set_seed, MixedPrecision
+from fastslim.data import digits_dls
+from fastslim.distill import DistillCallback
+from fastslim.test_utils import digits_cnn, quiet_fit, valid_acc, state_hash
+pytest.importorskip('torchao')
+from fastslim.quantize import QuantizeCallback, QuantizeError, Int8Model
+from torchao.quantization.pt2e import FakeQuantizeBase
+
+warnings.filterwarnings('ignore')
+
+@pytest.fixture(scope='module')
+def trained():
+    set_seed(0)
+    learn = quiet_fit(Learner(digits_dls(bs=64), digits_cnn((8, 8, 16, 16)), metrics=accuracy), 3, 1e-2)
+    return learn.model, valid_acc(learn)
+
+def fresh(model):
+    import copy
+    set_seed(0)
+    return Learner(digits_dls(bs=64), copy.deepcopy(model), metrics=accuracy)
+
+def fake_quants(model): return [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+
+class Probe(Callback):
+    "Per training batch: pct_train, observers on or off, the quantisers' scales, and the first BatchNorm's running mean"
+    order = 90
+    def before_fit(self): self.rows = []
+    def after_batch(self):
+        if not self.training: return
+        fq = fake_quants(self.learn.model)
+        rm = next(b for n, b in self.learn.model.named_buffers() if 'running_mean' in n)
+        self.rows.append((self.learn.pct_train, [bool(f.observer_enabled.item()) for f in fq],
+                          [f.scale.detach().clone() for f in fq], rm.detach().clone()))
+
+def test_fake_quantisers_are_inserted_on_every_conv_and_linear(trained):
+    learn = fresh(trained[0])
+    cb = QuantizeCallback(convert=False)
+    quiet_fit(learn, 1, 1e-3, cbs=cb)
+    assert learn.model is cb.prepared and cb.quantized is None
+    weights = [n for n in learn.model.graph.nodes if n.op == 'call_module' and 'activation_post_process' in str(n.target)
+               and any(u.op == 'call_function' and 'conv' in str(u.target) or 'linear' in str(u.target) for u in n.users)]
+    assert len(fake_quants(learn.model)) >= 2 * 5   # a weight and an input quantiser for 4 convs and the head
+    assert len(weights) >= 5
+
+def test_observers_and_batchnorm_freeze_on_schedule(trained):
+    learn, probe = fresh(trained[0]), Probe()
+    quiet_fit(learn, 4, 1e-3, cbs=[QuantizeCallback(freeze_bn=0.25, freeze_observers=0.5, convert=False), probe])
+    before = [r for r in probe.rows if r[0] < 0.5 - 1e-9]
+    after = [r for r in probe.rows if r[0] >= 0.5 + 0.05]
+    assert before and after
+    assert all(all(r[1]) for r in before) and not any(any(r[1]) for r in after)   # observers on, then off
+    for r in after[1:]: assert all(torch.equal(a, b) for a, b in zip(r[2], after[0][2]))   # scales no longer move
+    bn_after = [r[3] for r in probe.rows if r[0] >= 0.25 + 0.05]
+    bn_before = [r[3] for r in probe.rows if r[0] < 0.25 - 1e-9]
+    assert all(torch.equal(m, bn_after[0]) for m in bn_after)                 # running statistics frozen...
+    assert not torch.equal(bn_before[0], bn_before[-1])                        # ...after moving while free
+
+def test_int8_result_runs_and_keeps_accuracy_with_the_teacher_untouched(trained):
+    model, fp32 = trained
+    teacher = fresh(model).model.eval()
+    h = state_hash(teacher)
+    learn = fresh(model)
+    cb = QuantizeCallback()
+    quiet_fit(learn, 2, 1e-3, cbs=[cb, DistillCallback(teacher)])
+    assert state_hash(teacher) == h
+    assert isinstance(learn.model, Int8Model) and learn.model is cb.quantized
+    ops = {str(n.target) for n in learn.model.graph.graph.nodes if n.op == 'call_function'}
+    assert any('quantize_per_tensor' in o for o in ops) and any('dequantize_per_channel' in o for o in ops)
+    x, _ = learn.dls.valid.one_batch()
+    with torch.no_grad():
+        q, f = learn.model(x), cb.float_model.eval()(x)
+    assert (q.argmax(-1) == f.argmax(-1)).float().mean() >= 0.9     # int8 computes what the QAT-trained fp32 weights do
+    assert valid_acc(learn) >= fp32 - 0.03
+
+class ValueBranch(nn.Module):
+    def forward(self, x): return x if x.sum() > 0 else -x
+
+@pytest.mark.parametrize('case', ['fp16', 'unexportable', 'fraction'])
+def test_bad_input_is_refused_before_training(trained, case):
+    if case == 'fraction':
+        with pytest.raises(ValueError, match='`freeze_observers`'): QuantizeCallback(freeze_observers=2)
+        return
+    if case == 'fp16':
+        learn, cbs, match = fresh(trained[0]), [QuantizeCallback(), MixedPrecision()], 'MixedPrecision'
+    else:
+        learn = Learner(digits_dls(bs=64), nn.Sequential(nn.Conv2d(1, 4, 3), ValueBranch(), nn.Flatten(), nn.Linear(144, 10)))
+        cbs, match = [QuantizeCallback()], r'layer `1` \(ValueBranch\)'
+    h = state_hash(learn.model)
+    with pytest.raises(ValueError, match=match): quiet_fit(learn, 1, 1e-3, cbs=cbs)
+    assert state_hash(learn.model) == h
