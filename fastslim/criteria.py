@@ -16,6 +16,7 @@ from .checks import *
 from .plan import SlimPlan
 from .plan.group import bn_members
 from .plan.select import select_per_group, resolve_ratios
+from .blocks import branch_scales, residual_blocks, end_path
 
 _all_ = ['select_per_group']   # moved to fastslim.plan.select, still importable from here
 
@@ -454,21 +455,18 @@ class SSS(Criterion):
     def __init__(self): super().__init__(normalize=False)
 
     def _model(self, o):
-        from fastslim.sparsity import branch_scales
         model = getattr(o, 'model', o)
         if not branch_scales(model):
             raise ValueError("`model`: no residual branch carries a scale; train with `BlockSparsityCallback` "
-                             "(or call `fastslim.sparsity.add_branch_scales`) first")
+                             "(or call `fastslim.blocks.add_branch_scales`) first")
         return model
 
     def scores(self, plan, dls=None) -> dict:
         "{block name: |branch scale|} of the model of `plan` (a `SlimPlan`, a model or a `Learner`)"
-        from fastslim.sparsity import branch_scales
         return {k: abs(v) for k, v in branch_scales(self._model(plan)).items()}
 
     def prune(self, plan, ratio:float=None, dls=None, **kwargs):
         "Zero the smallest branch scales so that the share `ratio` of the blocks is off; returns the model"
-        from fastslim.sparsity import residual_blocks, BranchScale
         if kwargs: raise ValueError(f"block pruning takes only `ratio`, not {sorted(kwargs)}")
         ratio = check_ratio(ratio, 'ratio')
         model = self._model(plan)
@@ -476,7 +474,7 @@ class SSS(Criterion):
         names = sorted(s, key=lambda k: s[k])[:round(ratio * len(s))]
         blocks = residual_blocks(model)
         with torch.no_grad():
-            for n in names: next(m for m in blocks[n].modules() if isinstance(m, BranchScale)).scale.zero_()
+            for n in names: blocks[n].get_submodule(end_path(blocks[n])).scale.zero_()
         return model
 
 # %% ../nbs/30_criteria.ipynb #2ace0dba

@@ -65,7 +65,7 @@ def select(plan,
     from fastslim.plan.compact import VERIFY_MODES
     if isinstance(ratio, dict): check_ratio(ratio, 'ratio')
     ratio, target_macs = check_target(ratio, target_macs, scope)
-    if verify is not None and verify not in VERIFY_MODES: raise ValueError(f"`verify` must be 'equal', 'runs', True or False, got {verify!r}")
+    if verify is not None: check_choice(verify, set(VERIFY_MODES), 'verify')
     mode = plan.verify_mode if verify is None else VERIFY_MODES[verify]
     min_keep = plan.min_keep if min_keep is None else check_min_keep(min_keep)
     if not isinstance(scores, dict): raise ValueError(f"`scores` must be a dict {{group name: per-channel scores}}, got {type(scores).__name__}")
