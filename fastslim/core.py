@@ -92,7 +92,8 @@ def eval_mode(model:nn.Module):
 # %% ../nbs/00_core.ipynb #29968453
 def top1(model:nn.Module, dl, n_inp:int|None=None)->float:
     "Top-1 accuracy of `model` on the batches of `dl` (a fastai `DataLoaders`: its `valid`), inputs split as fastai splits them"
-    if hasattr(dl, 'valid') and hasattr(dl, 'train'): n_inp, dl = getattr(dl, 'n_inp', n_inp) if n_inp is None else n_inp, dl.valid
+    if isinstance(getattr(type(dl), 'valid', None), property):   # a fastai DataLoaders (a TfmdDL answers `.valid` through its dataset)
+        n_inp, dl = (getattr(dl, 'n_inp', None) if n_inp is None else n_inp), dl.valid
     if n_inp is None: n_inp = getattr(dl, 'n_inp', None)
     correct = total = 0
     with torch.inference_mode(), eval_mode(model):
