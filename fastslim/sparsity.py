@@ -17,11 +17,11 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 from fastai.callback.fp16 import MixedPrecision
 from .checks import *
-from .core import model_device, module_roots, in_roots, defaults
+from .core import model_device, module_roots, in_roots, defaults, macs_by_module, example_batch
 from .schedule import Schedule, Constant
 from .blocks import *
 from .blocks import block_spec, end_path
-_end_path = end_path   # TEMPORARY: criteria's old import; use fastslim.blocks.end_path
+from .plan import SlimPlan, plan_of, bn_members
 
 # %% auto #0
 __all__ = ['as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback', 'SparsityCallback',
@@ -218,7 +218,6 @@ class SparsityCallback(PenaltyCallback):
         if self.budget: self._budget_setup()
 
     def _plan_groups(self):
-        from fastslim.plan import SlimPlan, plan_of
         plan = self.plan or plan_of(self.model) or SlimPlan(self.model, self._example())
         if plan.model is not self.model: raise ValueError("`plan` was built on another model than the learner's")
         self.plan = plan
@@ -238,13 +237,12 @@ class SparsityCallback(PenaltyCallback):
 
     def _budget_setup(self):
         "The plan that ranks the channels as the pruning will: the model's own for 'groups', a shadow copy's for 'bn'"
-        from fastslim.plan import SlimPlan, plan_of, _bn_members
         if self.target == 'groups': self._rank_plan, self._names = self.plan, None
         else:
             shadow = deepcopy(self.model)
             self._rank_plan = plan_of(shadow) or SlimPlan(shadow, self._example())
             names = {id(m): n for n, m in shadow.named_modules()}
-            self._names = {g.name: [(names[id(b)], i) for b, i in _bn_members(g)] for g in self._rank_plan.groups}
+            self._names = {g.name: [(names[id(b)], i) for b, i in bn_members(g)] for g in self._rank_plan.groups}
             self._bn_names = {id(m): n for n, m in self.bns.items()}
         self._rerank()
         if self.target == 'bn' and not any(bool(m.any()) for m in self.masks.values()):
@@ -473,7 +471,6 @@ class BlockSparsityCallback(PenaltyCallback):
 
     def _block_macs(self):
         "MACs a removed block saves (its whole cost but its shortcut's), and the dense model's MACs"
-        from fastslim.core import macs_by_module, example_batch
         mm = macs_by_module(self.model, example_batch(self.dls, 1))
         self._dense = mm.get('', 0)
         self._saves = []
