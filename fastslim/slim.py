@@ -15,7 +15,7 @@ from fastcore.basics import *
 from fastcore.meta import delegates
 from fastai.learner import Learner
 from .core import *
-from .core import defaults
+from .core import defaults as fs_defaults   # aliased: fastai's own `defaults` shares the name
 from .checks import *
 from .plan import plan_of, save_slim, load_slim
 from .prune import PruneCallback, MaskCallback, recalibrate_bn
@@ -182,10 +182,10 @@ class SlimConfig:
         for k in ('sparse_epochs', 'prune_epochs', 'finetune_epochs'): check_count(getattr(self, k), k, low=0)
         for k in ('distill', 'strict', 'measure_speed'): check_bool(getattr(self, k), k)
         put('lr', check_positive(self.lr, 'lr')); put('tolerance', check_ratio(self.tolerance, 'tolerance'))
-        reg = defaults.reg if self.reg is None else self.reg
+        reg = fs_defaults.reg if self.reg is None else self.reg
         put('reg', None if reg is None else check_nonneg(reg, 'reg'))
-        put('min_keep', _check_min_keep(defaults.min_keep if self.min_keep is None else self.min_keep))
-        put('verify', check_choice(defaults.verify if self.verify is None else self.verify, ('auto', 'equal', 'runs', True, False), 'verify'))
+        put('min_keep', _check_min_keep(fs_defaults.min_keep if self.min_keep is None else self.min_keep))
+        put('verify', check_choice(fs_defaults.verify if self.verify is None else self.verify, ('auto', 'equal', 'runs', True, False), 'verify'))
         self._check_kw()
         m.check(self)
 

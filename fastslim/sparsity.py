@@ -17,7 +17,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, ValueMetric
 from fastai.callback.fp16 import MixedPrecision
 from .checks import *
-from .core import model_device, module_roots, in_roots, defaults, macs_by_module, example_batch
+from .core import model_device, module_roots, in_roots, macs_by_module, example_batch
+from .core import defaults as fs_defaults   # aliased: fastai's own `defaults` shares the name
 from .schedule import Schedule, Constant
 from .blocks import *
 from .blocks import block_spec, end_path
@@ -189,7 +190,7 @@ class SparsityCallback(PenaltyCallback):
         if not (isinstance(every, int) and every >= 1): raise ValueError(f"`every` must be an int >= 1, got {every!r}")
         if plan is not None and target != 'groups': raise ValueError("`plan` is only used with `target`='groups'")
         store_attr('layers,plan,every')
-        self.min_keep = defaults.min_keep if min_keep is None else min_keep
+        self.min_keep = fs_defaults.min_keep if min_keep is None else min_keep
 
     @property
     def col(self): return self.target
