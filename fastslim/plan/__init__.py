@@ -21,6 +21,8 @@ from .io import save_slim, load_slim, record_edit, register_edit
 _all_ = ['SlimPlan', 'ChannelGroup', 'PlanError', 'PlanTimeout', 'PlanMemoryError', 'plan_of', 'replay', 'copy_model',
          'PlanSummary', 'save_slim', 'load_slim', 'record_edit', 'register_edit', 'attention_layers', 'cross_channel_norms',
          'bn_members']
+
+# %% ../../nbs/02_plan.ipynb #ecd03444
 _bn_members = bn_members   # TEMPORARY: sparsity's old private import; use `bn_members`
 
 def __getattr__(name):
