@@ -22,9 +22,7 @@ _all_ = ['SlimPlan', 'ChannelGroup', 'PlanError', 'PlanTimeout', 'PlanMemoryErro
          'PlanSummary', 'save_slim', 'load_slim', 'record_edit', 'register_edit', 'attention_layers', 'cross_channel_norms',
          'bn_members']
 
-# %% ../../nbs/02_plan.ipynb #ecd03444
-_bn_members = bn_members   # TEMPORARY: sparsity's old private import; use `bn_members`
-
+# %% ../../nbs/02_plan.ipynb #da0d98df
 def __getattr__(name):
     "`MaskCallback` moved to `fastslim.prune` (the plan imports no fastai): still found here, imported on first use"
     if name == 'MaskCallback':
