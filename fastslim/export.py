@@ -17,8 +17,9 @@ from .checks import *
 
 # %% auto #0
 __all__ = ['OPSET', 'OPSET_MIN', 'import_export_deps', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport', 'export_onnx',
-           'calib_batches', 'quantize_onnx', 'onnx_accuracy', 'CompiledInt8', 'quantize_pt2e', 'onnx_latency',
-           'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model', 'build_arch', 'load_model_dir', 'export']
+           'calib_batches', 'quantize_onnx', 'onnx_accuracy', 'drop_unread', 'CompiledInt8', 'quantize_pt2e',
+           'onnx_latency', 'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model', 'build_arch',
+           'load_model_dir', 'export']
 
 # %% ../nbs/60_export.ipynb #29b17ca7
 _EXPORT_EXTRA = 'pip install "fastslim[export]"'
@@ -289,7 +290,7 @@ def _import_torchao():
     return prepare_pt2e, convert_pt2e, allow_exported_model_train_eval, xiq
 
 # %% ../nbs/60_export.ipynb #d8c83b9e
-def _drop_unread(gm):
+def drop_unread(gm):
     "Delete the parameters and buffers the graph of `gm` never reads (the fp32 weights PT2E replaced by int8 ones)"
     read = [n.target for n in gm.graph.nodes if n.op == 'get_attr']
     for k in list(gm.state_dict()):
@@ -327,7 +328,7 @@ def quantize_pt2e(model_or_learner, # an nn.Module, or a Learner (its model; its
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for b in batches: prepared(*(torch.from_numpy(a) for a in b))
-    q = _drop_unread(convert_pt2e(prepared))
+    q = drop_unread(convert_pt2e(prepared))
     allow_train_eval(q)
     return CompiledInt8(q) if compile else q
 

@@ -15,9 +15,10 @@ from fastai.callback.core import TrainEvalCallback
 from fastai.callback.fp16 import MixedPrecision
 from .checks import check_fraction, check_bool
 from .core import example_batch
+from .export import drop_unread
 
 # %% auto #0
-__all__ = ['QuantizeError', 'Int8Model', 'QuantizeCallback']
+__all__ = ['QuantizeError', 'QuantizeCallback']
 
 # %% ../nbs/61_quantize.ipynb #d0fcb0f5
 class QuantizeError(ValueError):
@@ -84,13 +85,11 @@ def _set_bn_training(gm, training:bool):
     return gm
 
 # %% ../nbs/61_quantize.ipynb #0cd66580
-class Int8Model(nn.Module):
-    "The int8 graph `convert_pt2e` returns, with the empty marker parameter fastai reads to find the model's device"
-    def __init__(self, graph:nn.Module):
-        super().__init__()
-        self.graph = graph
-        self.device_marker = nn.Parameter(torch.empty(0, device=next(iter(graph.buffers()), torch.empty(0)).device), requires_grad=False)
-    def forward(self, *xs): return self.graph(*xs)
+def _mark_device(gm):
+    "`gm` with an empty, frozen `device_marker` parameter: fastai finds a model's device from its first parameter, and an int8 graph has none"
+    ref = next(iter(gm.buffers()), torch.empty(0))
+    gm.register_parameter('device_marker', nn.Parameter(torch.empty(0, device=ref.device), requires_grad=False))
+    return gm
 
 class QuantizeCallback(Callback):
     "Quantisation-aware training: fake int8 quantisation (PT2E, X86 quantiser) during `fit`, converted to an int8 model at the end"
@@ -137,6 +136,6 @@ class QuantizeCallback(Callback):
     def after_fit(self):
         if not self.convert or self.prepared is None or self.learn.model is not self.prepared: return
         _, convert_pt2e, allow_train_eval, _, _ = _import_qat()
-        q = convert_pt2e(self.prepared)
+        q = drop_unread(convert_pt2e(self.prepared))   # the int8 graph without the fp32 weights it no longer reads
         allow_train_eval(q); q.eval()
-        self.quantized = self.learn.model = Int8Model(q)
+        self.quantized = self.learn.model = _mark_device(q)
