@@ -17,7 +17,8 @@ def _number(value, name, allowed):
     "`value` as a finite float, else a `ValueError` naming `name` and the `allowed` range"
     try: v = float(value)
     except (TypeError, ValueError): v = float('nan')
-    if isinstance(value, bool) or not math.isfinite(v): raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    # a string ('8') is not a number and True is not 1
+    if isinstance(value, (bool, str, bytes)) or not math.isfinite(v): raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
     return v
 
 def check_fraction(value, name, low_open:bool=False, high_open:bool=True):

@@ -371,7 +371,7 @@ class SparsityCallback(PenaltyCallback):
         m = self._mask_of(g.name, n)
         f = torch.where(n > 0, (1 - t * m / n.clamp_min(1e-30)).clamp_min(0), torch.ones_like(n))
         if self.holding: f = torch.where(m > 0, 0., f)   # settling: removed channels held at 0
-        for p, dim, (rows, root) in g._slices():
+        for p, dim, (rows, root) in g.slices():
             full = torch.ones(p.shape[dim], device=p.device, dtype=p.dtype)
             full[rows.to(p.device)] = f[root.to(f.device)].to(p.dtype)
             p.mul_(full.view([-1 if d == dim else 1 for d in range(p.ndim)]))

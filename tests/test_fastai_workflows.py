@@ -227,7 +227,7 @@ def test_export_with_block_sparsity(tmp_path):
 
 def test_export_with_mask_callback_keeps_masks(tmp_path):
     "A learner holding `MaskCallback` exports, loads, and keeps its masked channels at zero in a later fit"
-    from fastslim.plan import MaskCallback
+    from fastslim.prune import MaskCallback
     dls = digits_dls()
     m = timm.create_model('fastslim_vgg_tiny', num_classes=10)
     plan = SlimPlan(m, example_batch(dls)); plan.select(plan.l1_scores(), ratio=0.5)

@@ -21,11 +21,3 @@ from .io import save_slim, load_slim, record_edit, register_edit
 _all_ = ['SlimPlan', 'ChannelGroup', 'PlanError', 'PlanTimeout', 'PlanMemoryError', 'plan_of', 'replay', 'copy_model',
          'PlanSummary', 'save_slim', 'load_slim', 'record_edit', 'register_edit', 'attention_layers', 'cross_channel_norms',
          'bn_members']
-
-# %% ../../nbs/02_plan.ipynb #da0d98df
-def __getattr__(name):
-    "`MaskCallback` moved to `fastslim.prune` (the plan imports no fastai): still found here, imported on first use"
-    if name == 'MaskCallback':
-        from fastslim.prune import MaskCallback
-        return MaskCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -139,7 +139,6 @@ class ChannelGroup:
                     res.append((p, dim, (torch.tensor(it.idxs), torch.tensor(it.root_idxs))))
         self._slc = res
         return res
-    _slices = slices   # TEMPORARY: sparsity's old private call; use `slices()`
 
     def readers(self):
         "[(layer, input indices, group channel indices)] of the members that read this group's channels (as inputs)"
