@@ -18,7 +18,7 @@ from .core import example_batch
 from .export import drop_unread
 
 # %% auto #0
-__all__ = ['QuantizeError', 'QuantizeCallback']
+__all__ = ['QuantizeError', 'with_device_marker', 'QuantizeCallback']
 
 # %% ../nbs/61_quantize.ipynb #d0fcb0f5
 class QuantizeError(ValueError):
@@ -85,7 +85,7 @@ def _set_bn_training(gm, training:bool):
     return gm
 
 # %% ../nbs/61_quantize.ipynb #0cd66580
-def _mark_device(gm):
+def with_device_marker(gm):
     "`gm` with an empty, frozen `device_marker` parameter: fastai finds a model's device from its first parameter, and an int8 graph has none"
     ref = next(iter(gm.buffers()), torch.empty(0))
     gm.register_parameter('device_marker', nn.Parameter(torch.empty(0, device=ref.device), requires_grad=False))
@@ -138,4 +138,4 @@ class QuantizeCallback(Callback):
         _, convert_pt2e, allow_train_eval, _, _ = _import_qat()
         q = drop_unread(convert_pt2e(self.prepared))   # the int8 graph without the fp32 weights it no longer reads
         allow_train_eval(q); q.eval()
-        self.quantized = self.learn.model = _mark_device(q)
+        self.quantized = self.learn.model = with_device_marker(q)

@@ -25,6 +25,8 @@ from .report import SlimReport, measure, conv_widths
 from .sparsity import bn_scales, sparsity_callback
 from .blocks import remove_dead_blocks
 from .criteria import get_criterion, magnitude_scores
+from .quantize import QuantizeCallback, with_device_marker
+from .export import quantize_pt2e
 
 # %% auto #0
 __all__ = ['METHODS', 'SlimMethod', 'ChannelMethod', 'WeightMethod', 'BlockMethod', 'register_method', 'get_method', 'SlimConfig',
@@ -171,6 +173,8 @@ class SlimConfig:
     tolerance:float=0.02 # accuracy the sparsity stage may lose against dense (a fraction) before `learn.slim` warns
     strict:bool=False # stop before pruning (dense and sparse checkpoints kept) when the sparsity stage loses more than `tolerance`
     measure_speed:bool=True # measure CPU latency for the report
+    quantize:str|None=None # stage 4, to int8: 'qat' (quantisation-aware training with the dense teacher), 'ptq' (calibration only) or None
+    qat_epochs:int=2 # epochs of quantisation-aware training (with `quantize='qat'`), at a tenth of `lr`
     prune_kw:dict=field(default_factory=dict) # more `PruneCallback` and criterion options (`scope`, `soft`, `n_steps`, `n_batches`...)
     distill_kw:dict=field(default_factory=dict) # `DistillCallback` options (`T`, `alpha`, `loss`, `features`, ...)
 
@@ -180,6 +184,8 @@ class SlimConfig:
         put('ratio', ratio); put('target_macs', target_macs)
         put('sparse_epochs', m.default_sparse_epochs() if self.sparse_epochs is None else self.sparse_epochs)
         for k in ('sparse_epochs', 'prune_epochs', 'finetune_epochs'): check_count(getattr(self, k), k, low=0)
+        check_choice(self.quantize, (None, 'qat', 'ptq'), 'quantize'); check_count(self.qat_epochs, 'qat_epochs')
+        if self.quantize and m.granularity == 'weight': raise ValueError(f"`quantize` needs a compacted network; method {self.method!r} keeps masks on the dense one")
         for k in ('distill', 'strict', 'measure_speed'): check_bool(getattr(self, k), k)
         put('lr', check_positive(self.lr, 'lr')); put('tolerance', check_ratio(self.tolerance, 'tolerance'))
         reg = fs_defaults.reg if self.reg is None else self.reg
@@ -290,7 +296,8 @@ def _widths(dense, slim):
 # %% ../nbs/70_slim.ipynb #3002db71
 class SlimRun:
     "One `learn.slim` run of `cfg`: a short method per stage, each skipped when `resume` finds it done in `path`"
-    stages = ('sparse', 'prune', 'finetune')
+    @property
+    def stages(self): return ('sparse', 'prune', 'finetune') + (('quantize',) if self.cfg.quantize else ())
     def __init__(self, learn:Learner, cfg:SlimConfig, path=None, resume:bool=False):
         if not isinstance(cfg, SlimConfig): raise ValueError(f"`cfg` must be a SlimConfig, got {type(cfg).__name__}")
         if check_bool(resume, 'resume') and path is None: raise ValueError("`resume` needs the `path` of the run's checkpoints")
@@ -328,11 +335,11 @@ class SlimRun:
         model = self.learn.model if model is None else model
         return dict(accuracy=accuracy_of(self.learn, model), macs=effective_macs(model, self.x))
 
-    def fit(self, label, n, cbs):
-        "`n` epochs of one-cycle training at `cfg.lr` with `cbs`, announced by `label`; one line per epoch outside a terminal or notebook"
+    def fit(self, label, n, cbs, lr=None):
+        "`n` epochs of one-cycle training at `lr` (default `cfg.lr`) with `cbs`, announced by `label`; one line per epoch outside a terminal or notebook"
         if not n: return
         print(f"fastslim: {label} ({n} epoch{'s' if n > 1 else ''})")
-        with epoch_lines(self.learn): self.learn.fit_one_cycle(n, self.cfg.lr, cbs=cbs)
+        with epoch_lines(self.learn): self.learn.fit_one_cycle(n, self.cfg.lr if lr is None else lr, cbs=cbs)
 
     def pruned(self):
         "After stage 2's selection: BatchNorm statistics re-estimated, and the accuracy recorded before any weight trains"
@@ -370,9 +377,21 @@ class SlimRun:
         learn, cfg = self.learn, self.cfg
         self.method.compact(self)
         plan = plan_of(learn.model)   # unstructured masks stay on the (uncompacted) model
-        cbs = [DistillCallback(copy.deepcopy(self.dense).eval(), **cfg.distill_kw)] if cfg.distill else []
+        cbs = self.teacher()
         self.fit('stage 3/3: fine-tuning' + (' with distillation' if cfg.distill else ''), cfg.finetune_epochs, cbs + ([MaskCallback(plan)] if plan else []))
         self.st.finish('finetune', learn.model, **self.record('finetune'))
+
+    def teacher(self): return [DistillCallback(copy.deepcopy(self.dense).eval(), **self.cfg.distill_kw)] if self.cfg.distill else []
+
+    def quantize(self):
+        "Stage 4: int8, by quantisation-aware training with the dense teacher ('qat') or calibration on training batches ('ptq')"
+        learn, cfg = self.learn, self.cfg
+        self.fp32 = copy.deepcopy(learn.model)   # the compacted fp32 network, kept beside the int8 one
+        if cfg.quantize == 'qat':
+            self.fit('stage 4/4: quantisation-aware training' + (' with distillation' if cfg.distill else ''), cfg.qat_epochs,
+                     [QuantizeCallback()] + self.teacher(), lr=cfg.lr/10)
+        else: learn.model = with_device_marker(quantize_pt2e(learn))
+        self.st.records.append(dict(stage=f'int8 ({cfg.quantize})', **self.record('int8')))
 
     def report(self) -> SlimReport:
         "Dense against slim, with every stage's record and the config that ran"

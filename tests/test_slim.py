@@ -255,3 +255,29 @@ def test_sss_prune_stage_trains_prune_epochs_at_lr(monkeypatch):
     assert fits == [(1, 5e-3, False), (2, 5e-3, True), (1, 5e-3, True)], fits
     stages = {s['stage']: s for s in r.stages}
     assert stages['pruned (BN stats only)']['macs'] < 0.9 * r.dense['macs']   # the removed blocks no longer count
+
+# --- stage 4: int8 ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('quantize', ['qat', 'ptq'])
+def test_quantize_stage_ends_with_an_int8_model_that_keeps_its_accuracy(quantize):
+    pytest.importorskip('torchao')
+    learn = _dense(0)
+    r = _slim(learn, 'l1', target_macs=0.25, prune_epochs=1, finetune_epochs=2, quantize=quantize, qat_epochs=1)
+    stages = {s['stage']: s for s in r.stages}
+    assert list(stages)[-2:] == ['finetune', f'int8 ({quantize})']
+    assert isinstance(learn.model, torch.fx.GraphModule)
+    ops = {str(n.target) for n in learn.model.graph.nodes if n.op == 'call_function'}
+    assert any('quantize_per_tensor' in o for o in ops)
+    assert stages[f'int8 ({quantize})']['accuracy'] >= stages['finetune']['accuracy'] - 0.02
+    assert r.slim['accuracy'] == pytest.approx(accuracy_of(learn))
+    assert r.slim['size'] * 8 <= r.dense['size']            # 4x fewer MACs and int8 weights: far smaller than dense fp32
+    assert r.settings['quantize'] == quantize
+
+@pytest.mark.parametrize('kw, match', [(dict(method='l1', quantize='int4'), '`quantize`'),
+                                       (dict(method='l1', quantize='qat', qat_epochs=0), '`qat_epochs`'),
+                                       (dict(method='magnitude', ratio=0.5, quantize='ptq'), 'compacted')])
+def test_quantize_options_are_checked_before_training(kw, match):
+    learn = _dense(0, epochs=1)
+    before = _state(learn.model)
+    kw = {'target_macs': 0.5, **kw} if 'ratio' not in kw else kw
+    with pytest.raises(ValueError, match=match): _slim(learn, **kw)
+    assert _same(before, _state(learn.model))
