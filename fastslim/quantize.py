@@ -14,11 +14,11 @@ from fastai.callback.core import Callback
 from fastai.callback.core import TrainEvalCallback
 from fastai.callback.fp16 import MixedPrecision
 from .checks import check_fraction, check_bool
-from .core import example_batch
+from .core import example_batch, split_batch
 from .export import drop_unread
 
 # %% auto #0
-__all__ = ['QuantizeError', 'with_device_marker', 'QuantizeCallback']
+__all__ = ['QuantizeError', 'with_device_marker', 'QuantizeCallback', 'export_int8_onnx']
 
 # %% ../nbs/61_quantize.ipynb #d0fcb0f5
 class QuantizeError(ValueError):
@@ -139,3 +139,29 @@ class QuantizeCallback(Callback):
         q = drop_unread(convert_pt2e(self.prepared))   # the int8 graph without the fp32 weights it no longer reads
         allow_train_eval(q); q.eval()
         self.quantized = self.learn.model = with_device_marker(q)
+
+# %% ../nbs/61_quantize.ipynb #bfd72d79
+def export_int8_onnx(model:nn.Module, # an int8 graph (`QuantizeCallback`'s result, or `fastslim.export.quantize_pt2e`'s)
+                     path, # the .onnx file to write
+                     dl, # validation batches (a DataLoader, or DataLoaders: its `valid`) to compare the two runtimes on
+                     min_agreement:float=0.9, # smallest share of samples on which both runtimes predict the same class
+                    )->dict:
+    "Write int8 `model` as an int8 (QDQ) ONNX file and state how far onnxruntime's int8 kernels agree with PyTorch's on `dl`"
+    from fastslim.export import export_onnx, ort_session, ExportError
+    min_agreement = check_fraction(min_agreement, 'min_agreement', high_open=False)
+    if hasattr(dl, 'valid') and isinstance(getattr(type(dl), 'valid', None), property): dl = dl.valid
+    n_inp = getattr(dl, 'n_inp', None)
+    xs = tuple(o[:2] for o in split_batch(next(iter(dl)), n_inp)[0])
+    export_onnx(model, path, example=xs, rtol=1.)   # int8 rounding differs between runtimes: agreement is checked below
+    sess, same, total, diff = ort_session(path, threads=0), 0, 0, 0.
+    names = [i.name for i in sess.get_inputs()]
+    with torch.no_grad():
+        for b in dl:
+            xb = tuple(o.cpu() for o in split_batch(b, n_inp)[0])
+            ref, got = model(*xb), torch.from_numpy(sess.run(None, {n: x.numpy() for n, x in zip(names, xb)})[0])
+            same += int((ref.argmax(-1) == got.argmax(-1)).sum()); total += len(ref); diff = max(diff, float((ref - got).abs().max()))
+    res = dict(path=str(path), agreement=same / max(total, 1), max_logit_diff=diff, n=total)
+    if res['agreement'] < min_agreement:
+        raise ExportError(f"onnxruntime's int8 predictions agree with PyTorch's on {res['agreement']:.1%} of {total} samples, "
+                          f"below `min_agreement`={min_agreement:g} (largest logit difference {diff:.3g})")
+    return res

@@ -92,3 +92,15 @@ def test_bad_input_is_refused_before_training(trained, case):
     h = state_hash(learn.model)
     with pytest.raises(ValueError, match=match): quiet_fit(learn, 1, 1e-3, cbs=cbs)
     assert state_hash(learn.model) == h
+
+def test_int8_onnx_agrees_with_pytorch_int8(trained, tmp_path):
+    pytest.importorskip('onnxruntime')
+    import onnx
+    from fastslim.quantize import export_int8_onnx
+    learn = fresh(trained[0])
+    quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback())
+    res = export_int8_onnx(learn.model, tmp_path/'int8.onnx', learn.dls)
+    assert res['agreement'] >= 0.9 and res['n'] == len(learn.dls.valid_ds)
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= {n.op_type for n in onnx.load(tmp_path/'int8.onnx').graph.node}
+    with pytest.raises(ValueError, match='`min_agreement`'): export_int8_onnx(learn.model, tmp_path/'x.onnx', learn.dls, min_agreement=2)
+    assert not (tmp_path/'x.onnx').exists()
