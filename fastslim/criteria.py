@@ -14,7 +14,7 @@ from fastcore.basics import *
 from .core import *
 from .checks import *
 from .plan import SlimPlan
-from .plan.group import bn_members
+from .plan.group import bn_members, check_round_to
 from .plan.select import select_per_group, resolve_ratios
 from .blocks import branch_scales, residual_blocks, end_path
 
@@ -56,15 +56,17 @@ class Criterion:
               target_macs:float=None, # instead of `ratio`: MACs left as a fraction of the dense model's (global)
               min_keep:int|float=None, # floor per group; default: the plan's
               apply:bool=True, # zero the masked weights at the end
+              round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1 (no rounding)
              ) -> SlimPlan:
         "One-shot pruning of `plan`: score, select, reconstruct and (with `apply`) zero the masked weights"
         scope = scope or ('global' if target_macs is not None else self.default_scope)
         check_target(ratio, target_macs, scope)   # before anything is scored or changed
+        check_round_to(round_to)
         if isinstance(ratio, dict): ratio = resolve_ratios(plan, ratio)
         if self.needs_data: _check_data(dls, self.name)
         s = self.scores(plan, dls)
-        if isinstance(ratio, dict): select_per_group(plan, s, ratio, min_keep=min_keep)
-        else: plan.select(s, ratio=ratio, target_macs=target_macs, scope=scope, min_keep=min_keep)
+        if isinstance(ratio, dict): select_per_group(plan, s, ratio, min_keep=min_keep, round_to=round_to)
+        else: plan.select(s, ratio=ratio, target_macs=target_macs, scope=scope, min_keep=min_keep, round_to=round_to)
         self.reconstruct(plan, dls)
         if apply: plan.apply()
         return plan

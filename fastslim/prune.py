@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from .core import *
 from .checks import *
 from .plan import SlimPlan, plan_of
-from .plan.group import check_min_keep
+from .plan.group import check_min_keep, check_round_to
 from .schedule import PruneSchedule, OneShot, Iterative, AGP
 
 # %% auto #0
@@ -95,6 +95,7 @@ class PruneCallback(Callback):
                  rewind_epoch:int=None, # lottery-ticket rewinding: reset survivors to their values after this epoch
                  plan:SlimPlan=None, # an existing plan on the learner's model (default: built in `before_fit`)
                  verify:bool|str=None, # check the compacted model after each step ('equal', 'runs', False); default: the plan's (`defaults.verify`)
+                 round_to:int=None, # every step leaves each group a multiple of this many channels, or all of them; default 1 (no rounding)
                  **criterion_kwargs, # passed to the criterion (e.g. `n_batches` for data-driven ones)
                 ):
         check_target(ratio, target_macs, scope)
@@ -103,6 +104,8 @@ class PruneCallback(Callback):
         check_choice(verify, {None, True, False, 'equal', 'runs'}, 'verify')
         if soft is not None: check_bool(soft, 'soft')
         if min_keep is not None: check_min_keep(min_keep)
+        check_round_to(round_to)
+        if round_to not in (None, 1) and granularity == 'weight': raise ValueError("`round_to` rounds channel widths: it needs `granularity='channel'`")
         check_count(rewind_epoch, 'rewind_epoch', low=0, none_ok=True)
         self.schedule = _schedule(schedule, start, end, n_steps)
         self.crit = _criterion(criterion, **criterion_kwargs)
@@ -111,7 +114,7 @@ class PruneCallback(Callback):
         self.soft = getattr(self.crit, 'soft', False) if soft is None else soft
         self.scope = scope or ('global' if target_macs is not None else getattr(self.crit, 'default_scope', 'global'))
         check_target(ratio, target_macs, self.scope)
-        store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify')
+        store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify,round_to')
         self.log = []
 
     def __getstate__(self):
@@ -141,6 +144,7 @@ class PruneCallback(Callback):
             raise ValueError(f"{type(plan.model).__name__} has no channel group PruneCallback can prune ({why})")
         scores = self.crit.scores(plan, dls)
         kw = dict(min_keep=self.min_keep) if self.min_keep is not None and self.granularity == 'channel' else {}
+        if self.granularity == 'channel': kw['round_to'] = getattr(self, 'round_to', None)   # callbacks pickled before `round_to`
         if self.granularity == 'weight': plan.prune_weights(self.ratio * frac, scores=scores, scope=self.scope)
         elif self.target_macs is not None: plan.select(scores, target_macs=1 - frac * (1 - self.target_macs), verify=self.verify, **kw)
         else: plan.select(scores, ratio=self.ratio * frac, scope=self.scope, verify=self.verify, **kw)

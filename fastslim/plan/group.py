@@ -10,11 +10,12 @@ import math, weakref
 import torch
 from torch import nn
 from ..core import model_device
+from ..checks import check_count
 from .budget import PlanError
 from .tp_compat import group_of, probe_removed, is_out
 
 # %% auto #0
-__all__ = ['KEEP_BUF', 'WEIGHT_MASK_BUF', 'check_min_keep', 'ChannelGroup', 'bn_members']
+__all__ = ['KEEP_BUF', 'WEIGHT_MASK_BUF', 'check_min_keep', 'check_round_to', 'ChannelGroup', 'bn_members']
 
 # %% ../../nbs/02d_plan.group.ipynb #2bc4d59e
 KEEP_BUF, WEIGHT_MASK_BUF = 'slim_keep', 'slim_weight_mask'   # the buffers holding channel and weight masks
@@ -24,6 +25,10 @@ def check_min_keep(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (isinstance(v, float) and v >= 1) or (isinstance(v, int) and v < 1):
         raise ValueError(f"`min_keep` must be a count >= 1 or a fraction in [0, 1), got {v!r}")
     return v
+
+def check_round_to(v):
+    "`v` if it is a whole number >= 1 (None: 1, no rounding), else a `ValueError` naming `round_to`"
+    return 1 if v is None else check_count(v, 'round_to')
 
 def _tie_period(group_items, size):
     "Period of channels that grouped convolutions force to be pruned together (`size` when nothing is tied)"
@@ -79,12 +84,30 @@ class ChannelGroup:
         s = s.float().cpu()
         return s.view(-1, self.period).mean(0) if self.period < len(s) else s
 
-    def floor_units(self, min_keep:int|float):
-        "Units this group keeps whatever the selection: `min_keep` channels (a count, or a fraction), rounded up to whole units"
+    @property
+    def unit_width(self):
+        "Channels in one unit: 1, or the conv groups a grouped convolution ties together"
+        return self.size // self.period
+
+    def round_units(self, round_to:int=1):
+        "Units per rounding step: kept widths are multiples of lcm(`round_to`, `unit_width`) channels (or the whole group)"
+        w = self.unit_width
+        return math.lcm(check_round_to(round_to), w) // w
+
+    def floor_units(self,
+                    min_keep:int|float, # channels to keep: a count, or a fraction of the group
+                    round_to:int=1, # kept widths are multiples of this (see `round_units`)
+                   ):
+        "Units this group keeps whatever the selection: `min_keep` channels, rounded up to whole units and to a multiple of `round_to` (the whole group when none fits)"
         k = max(1, math.ceil(min_keep*self.size)) if isinstance(min_keep, float) else int(min_keep)
         if k > self.size: raise ValueError(f"`min_keep`={min_keep} is larger than group {self.name!r}, which has {self.size} channels")
-        per_unit = self.size // self.period
-        return math.ceil(k / per_unit)
+        q = self.round_units(round_to)
+        return min(self.period, math.ceil(math.ceil(k / self.unit_width) / q) * q)
+
+    def kept_units(self, min_keep:int|float, round_to:int=1):
+        "Every number of units this group may keep, most first: all of them, then the multiples of `round_units` down to the floor"
+        n, q, f = self.period, self.round_units(round_to), self.floor_units(min_keep, round_to)
+        return [n] + list(range((n - 1) // q * q, f - 1, -q)) if f < n else [n]
 
     def param_masks(self, filters_only:bool=False):
         "{parameter: bool mask of the entries this group's mask removes} (only the producing filters if `filters_only`)"

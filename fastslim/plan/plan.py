@@ -245,9 +245,10 @@ class SlimPlan:
                scope:str='global', # 'global' (one threshold over all groups) or 'local' (the same share in every group)
                min_keep:int|float=None, # floor per group (a count or a fraction); default: the plan's `min_keep`
                verify:bool|str=None, # check the compacted model ('equal' outputs or 'runs'); groups that fail are left unpruned. Default: the plan's `verify`
+               round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1 (no rounding)
               ):
         "Set the keep-masks from `scores`: the lowest-scoring channels are removed, never a group's last `min_keep`"
-        return _select.select(self, scores, ratio, target_macs, scope, min_keep, verify)
+        return _select.select(self, scores, ratio, target_macs, scope, min_keep, verify, round_to)
 
     def compact(self):
         "A new dense model with the masked channels removed; the masked model is not changed"

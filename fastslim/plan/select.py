@@ -6,16 +6,17 @@ Docs: https://fastslim.github.io/fastslim/plan.select.html.md"""
 
 # %% ../../nbs/02f_plan.select.ipynb #7a1c0005
 from __future__ import annotations
+import warnings
 import torch
 from torch import nn
 from ..core import macs_by_module
 from ..checks import check_choice, check_ratio, check_target
-from .group import WEIGHT_MASK_BUF, check_min_keep
+from .group import WEIGHT_MASK_BUF, check_min_keep, check_round_to
 from .tp_compat import is_out
 
 # %% auto #0
-__all__ = ['check_scores', 'candidates', 'local_units', 'set_masks', 'select', 'select_global', 'select_local', 'layer_macs',
-           'select_macs', 'resolve_ratios', 'select_per_group', 'prune_weights']
+__all__ = ['check_scores', 'candidates', 'chunks', 'nearest_kept', 'local_units', 'set_masks', 'select', 'select_global',
+           'select_local', 'layer_macs', 'select_macs', 'resolve_ratios', 'select_per_group', 'prune_weights']
 
 # %% ../../nbs/02f_plan.select.ipynb #af9c6b35
 def check_scores(plan, scores:dict):
@@ -29,21 +30,33 @@ def check_scores(plan, scores:dict):
             raise ValueError(f"`scores[{g.name!r}]` must have shape ({g.size},), got {tuple(s.shape)}")
         if s is not None and not torch.isfinite(s).all(): raise ValueError(f"`scores[{g.name!r}]` holds non-finite values")
 
-def candidates(plan, scores:dict, min_keep):
+def candidates(plan, scores:dict, min_keep, round_to:int=1):
     "(score, group index, unit) of every unit selection may remove, after each group's floor is protected"
-    cands = []
+    return [(sc, gi, u) for sc, gi, us, _ in chunks(plan, scores, min_keep, round_to) for u in us]
+
+def chunks(plan, scores:dict, min_keep, round_to:int=1):
+    "(mean score, group index, units, channels) of every step selection may take: a group's lowest units, down to the next kept width `kept_units` allows"
+    res = []
     for gi, g in enumerate(plan.groups):
         if g.name not in scores: continue
         s = g.unit_scores(scores[g.name])
-        order = torch.argsort(s, descending=True, stable=True)[g.floor_units(min_keep):]   # the floor keeps the best units
-        cands += [(float(s[u]), gi, int(u)) for u in order]
-    return cands
+        kept = g.kept_units(min_keep, round_to)
+        order = torch.argsort(s, descending=True, stable=True)[kept[-1]:]   # the floor keeps the best units
+        order = order[torch.argsort(s[order], stable=True)].tolist()         # ... the rest go lowest first
+        for a, b in zip(kept, kept[1:]):
+            us = order[kept[0] - a:kept[0] - b]
+            res.append((float(s[us].mean()), gi, us, len(us) * g.unit_width))
+    return res
 
-def local_units(g, s, ratio:float, min_keep):
-    "The units of group `g` with the lowest scores `s`: the share `ratio` of them, never below the group's floor"
+def nearest_kept(g, ratio:float, min_keep, round_to:int=1):
+    "Units group `g` keeps to lose the share `ratio` of them: the allowed kept width nearest the target (the larger on a tie)"
+    goal = g.period - round(ratio * g.period)
+    return min(g.kept_units(min_keep, round_to), key=lambda k: (abs(k - goal), -k))
+
+def local_units(g, s, ratio:float, min_keep, round_to:int=1):
+    "The units of group `g` with the lowest scores `s`: the share `ratio` of them (rounded by `round_to`), never below the group's floor"
     s = g.unit_scores(s)
-    n = min(round(ratio * len(s)), len(s) - g.floor_units(min_keep))
-    return [int(u) for u in torch.argsort(s, stable=True)[:n]]
+    return [int(u) for u in torch.argsort(s, stable=True)[:len(s) - nearest_kept(g, ratio, min_keep, round_to)]]
 
 def set_masks(plan, removed):
     "Write keep-masks: `removed` lists (group index, unit) pairs; every other channel is kept"
@@ -60,6 +73,7 @@ def select(plan,
            scope:str='global', # 'global' (one threshold over all groups) or 'local' (the same share in every group)
            min_keep:int|float=None, # floor per group (a count or a fraction); default: the plan's `min_keep`
            verify:bool|str=None, # check the compacted model ('equal' outputs or 'runs'); default: the plan's `verify`
+           round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1 (no rounding)
           ):
     "Set the keep-masks of `plan` from `scores` (what `SlimPlan.select` does)"
     from fastslim.plan.compact import VERIFY_MODES
@@ -68,18 +82,19 @@ def select(plan,
     if verify is not None: check_choice(verify, set(VERIFY_MODES), 'verify')
     mode = plan.verify_mode if verify is None else VERIFY_MODES[verify]
     min_keep = plan.min_keep if min_keep is None else check_min_keep(min_keep)
+    round_to = check_round_to(round_to)
     if not isinstance(scores, dict): raise ValueError(f"`scores` must be a dict {{group name: per-channel scores}}, got {type(scores).__name__}")
     if not scores:
         why = f"the plan has no prunable group (see `plan.skipped`)" if not plan.groups else f"name one or more of its {len(plan.groups)} groups"
         raise ValueError(f"`scores` is empty: nothing to prune; {why}")
     check_scores(plan, scores)
-    candidates(plan, scores, min_keep)                             # all checks happen before any mask changes
+    chunks(plan, scores, min_keep, round_to)                       # all checks happen before any mask changes
     for _ in range(len(plan.groups) + 1):                          # re-selected without the groups a check left out
         scores = {k: v for k, v in scores.items() if k in {g.name for g in plan.groups}}
-        cands = candidates(plan, scores, min_keep)
-        if target_macs is not None: removed = select_macs(plan, cands, target_macs)
-        elif scope == 'local': removed = select_local(plan, scores, ratio, min_keep)
-        else: removed = select_global(plan, cands, scores, ratio)
+        steps = chunks(plan, scores, min_keep, round_to)
+        if target_macs is not None: removed = select_macs(plan, steps, target_macs, round_to)
+        elif scope == 'local': removed = select_local(plan, scores, ratio, min_keep, round_to)
+        else: removed = select_global(plan, steps, scores, ratio, round_to)
         set_masks(plan, removed)
         n = len(plan.groups)
         if not mode: break
@@ -87,20 +102,24 @@ def select(plan,
         if len(plan.groups) == n: break
     return plan
 
-def select_global(plan, cands, scores:dict, ratio:float):
-    "(group index, unit) pairs removing the share `ratio` of the scored channels, lowest candidates first"
+def _take(need:float, size:float, round_to:int):
+    "Whether a step of `size` goes toward a remaining `need`: when it fits, or (rounding) when it lands nearer than stopping short"
+    return size <= need or (round_to > 1 and size - need < need)
+
+def select_global(plan, steps, scores:dict, ratio:float, round_to:int=1):
+    "(group index, unit) pairs removing the share `ratio` of the scored channels, lowest steps (`chunks`) first"
     total = sum(g.size for g in plan.groups if g.name in scores)
-    n, removed = round(ratio * total), []
-    for s, gi, u in sorted(cands, key=lambda c: c[0]):
-        per = plan.groups[gi].size // plan.groups[gi].period
-        if n < per: continue
-        removed.append((gi, u)); n -= per
-        if n == 0: break
+    n, removed, closed = round(ratio * total), [], set()
+    for s, gi, us, c in sorted(steps, key=lambda c: c[0]):
+        if n <= 0: break
+        if gi in closed: continue
+        if not _take(n, c, round_to): closed.add(gi); continue   # a group's later steps are no smaller
+        removed += [(gi, u) for u in us]; n -= c
     return removed
 
-def select_local(plan, scores:dict, ratio:float, min_keep):
+def select_local(plan, scores:dict, ratio:float, min_keep, round_to:int=1):
     "(group index, unit) pairs removing the share `ratio` of each scored group"
-    return [(gi, u) for gi, g in enumerate(plan.groups) if g.name in scores for u in local_units(g, scores[g.name], ratio, min_keep)]
+    return [(gi, u) for gi, g in enumerate(plan.groups) if g.name in scores for u in local_units(g, scores[g.name], ratio, min_keep, round_to)]
 
 # %% ../../nbs/02f_plan.select.ipynb #bf1d476d
 def layer_macs(plan):
@@ -126,25 +145,32 @@ def _chans(m, side):
     if isinstance(m, nn.Linear): return m.out_features if side == 'out' else m.in_features
     return None
 
-def select_macs(plan, cands, target:float):
-    "(group index, unit) pairs, lowest candidates first, until the pruned MACs are `target` of the dense MACs"
+def _macs(m, f, side): return m * (f[0] if side == 'both' else f[0]*f[1])
+
+def select_macs(plan, steps, target:float, round_to:int=1):
+    "(group index, unit) pairs, lowest steps (`chunks`) first, until the pruned MACs are `target` of the dense MACs"
     mm = layer_macs(plan)
     mods = {id(m): m for m in plan.model.modules()}
     frac = {k: [1., 1.] for k in mm}
     effects = [_effects(plan, g) for g in plan.groups]
     cur, goal = float(plan.dense_macs), target * plan.dense_macs
-    removed = []
-    for s, gi, u in sorted(cands, key=lambda c: c[0]):
+    removed, closed = [], set()
+    for s, gi, us, c in sorted(steps, key=lambda c: c[0]):
         if cur <= goal: break
-        per = plan.groups[gi].size // plan.groups[gi].period
+        if gi in closed: continue
+        new = {}
         for k, side in effects[gi].items():
-            m = mods[k]; f = frac[k]
-            before = mm[k] * (f[0] if side == 'both' else f[0]*f[1])
+            m, f = mods[k], list(frac[k])
             for i, sd in ((0, 'out'), (1, 'in')):
-                if side in (sd, 'both') and _chans(m, sd): f[i] = max(0., f[i] - per/_chans(m, sd))
-            after = mm[k] * (f[0] if side == 'both' else f[0]*f[1])
-            cur -= before - after
-        removed.append((gi, u))
+                if side in (sd, 'both') and _chans(m, sd): f[i] = max(0., f[i] - c/_chans(m, sd))
+            new[k] = f
+        saved = sum(_macs(mm[k], frac[k], side) - _macs(mm[k], new[k], side) for k, side in effects[gi].items())
+        if round_to > 1 and not _take(cur - goal, saved, round_to): closed.add(gi); continue   # rounded steps: the nearest landing wins
+        frac.update(new); cur -= saved
+        removed += [(gi, u) for u in us]
+    if cur - goal > 0.02 * plan.dense_macs:
+        warnings.warn(f"`target_macs`={target} is out of reach: every group is at its floor (`min_keep`, rounded up by `round_to`={round_to}) "
+                      f"at {cur / plan.dense_macs:.3f} of the dense MACs", stacklevel=4)
     return removed
 
 # %% ../../nbs/02f_plan.select.ipynb #fc28b8ff
@@ -166,10 +192,12 @@ def select_per_group(plan,
                      scores:dict, # {group name: per-channel importance}
                      ratios:dict, # {group name or module prefix: share of channels to remove}
                      min_keep:int|float=None, # floor per group; default: the plan's
+                     round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1
                     ):
     "Set the keep-masks with a share per group: each group loses its lowest-scoring `ratios[group]` channels"
     ratios = resolve_ratios(plan, ratios)
     min_keep = plan.min_keep if min_keep is None else check_min_keep(min_keep)
+    round_to = check_round_to(round_to)
     check_scores(plan, scores)
     missing = [n for n in ratios if n not in scores]
     if missing: raise ValueError(f"`scores` has no entry for the groups {missing} that `ratios` prunes")
@@ -177,7 +205,7 @@ def select_per_group(plan,
     for g in plan.groups:                             # compute every mask before writing any
         keep = torch.ones(g.size, dtype=torch.bool)
         if g.name in ratios:
-            for u in local_units(g, scores[g.name], ratios[g.name], min_keep): keep[u::g.period] = False
+            for u in local_units(g, scores[g.name], ratios[g.name], min_keep, round_to): keep[u::g.period] = False
         keeps[g.name] = keep
     for g in plan.groups: g.keep.copy_(keeps[g.name])
     return plan
