@@ -79,16 +79,25 @@ def _dense_learner(data:str, arch:str, size, bs:int, seed:int):
     ch = example_batch(dls)[0].shape[1]   # an image folder gives RGB batches whatever the architecture's default
     return Learner(dls, build_model(arch, dls.c, ch), metrics=accuracy)
 
-def _write_out(out:Path, learn, report, run:dict):
-    "Write the slim model, `meta.json`, the report and its figures, and `run.json` into `out`"
+def _write_out(out:Path, learn, slim_run, report, run:dict):
+    "Write the slim model (and the int8 one as `int8.onnx`), `meta.json`, the report and its figures, and `run.json` into `out`"
     from fastslim.plan import save_slim
     out.mkdir(parents=True, exist_ok=True)
-    save_slim(learn.model, out/'slim.pt')
+    save_slim(slim_run.fp32 if run.get('quantize') else learn.model, out/'slim.pt')   # the compacted fp32 network
+    if run.get('quantize'): _write_int8(out, learn)
     ch = example_batch(learn.dls)[0].shape[1]
     _write_json(out/'meta.json', dict(arch=run['arch'], kwargs=_arch_kwargs(run['arch'], learn.dls.c, ch)))
     report.save(out)
     _write_json(out/'run.json', run)
     print(f"fastslim: wrote {', '.join(sorted(os.listdir(out)))} to {out}")
+
+def _write_int8(out:Path, learn):
+    "The int8 model as `int8.onnx`, with how far onnxruntime's int8 predictions agree with PyTorch's (`int8.json`)"
+    from fastslim.quantize import export_int8_onnx
+    res = export_int8_onnx(learn.model, out/'int8.onnx', learn.dls)
+    _write_json(out/'int8.json', {k: v for k, v in res.items() if k != 'path'})
+    print(f"fastslim: int8.onnx predicts as PyTorch's int8 model on {res['agreement']:.1%} of {res['n']} validation samples "
+          f"(largest logit difference {res['max_logit_diff']:.3g})")
 
 # %% ../nbs/90_cli.ipynb #0514936c
 @call_parse
@@ -110,12 +119,14 @@ def slim(
     seed:int=0, # random seed
     out:str='slim_out', # folder for slim.pt, meta.json, report.json, figures and run.json
     force:bool=False, # overwrite an output folder that holds a different run
+    quantize:str=None, # 'qat' (quantisation-aware training) or 'ptq': end with an int8 model, also written as int8.onnx
+    qat_epochs:int=2, # epochs of quantisation-aware training with --quantize qat
 ):
     "Train a dense model on `data`, slim it, print the before/after report and save the slim model"
-    from fastslim.slim import epoch_lines
+    from fastslim.slim import epoch_lines, SlimRun
     if ratio is None and target_macs is None: target_macs = 0.25
     cfg = _config(method=method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
-                  finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg)
+                  finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg, quantize=quantize, qat_epochs=qat_epochs)
     check_count(dense_epochs, '--dense-epochs', low=0); check_count(bs, '--bs'); check_count(size, '--size', none_ok=True)
     run, outp = dict(data=data, arch=arch, dense_epochs=dense_epochs, size=size, bs=bs, seed=seed, **cfg.to_dict()), Path(out)
     _check_out(outp, run, force)
@@ -123,9 +134,10 @@ def slim(
     print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
     with epoch_lines(learn): learn.fit_one_cycle(dense_epochs, lr)
     print(f"fastslim: slimming with {method}")
-    report = learn.slim(cfg)
+    slim_run = SlimRun(learn, cfg)
+    report = slim_run.run()
     print(report)
-    _write_out(outp, learn, report, run)
+    _write_out(outp, learn, slim_run, report, run)
     return 0
 
 # %% ../nbs/90_cli.ipynb #07b2c133

@@ -69,8 +69,9 @@ def in_roots(name:str, roots):
 
 # %% ../nbs/00_core.ipynb #ea426f86
 def count_params(model:nn.Module, trainable:bool=False):
-    "Number of parameters of `model` (only those requiring grad if `trainable`)"
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+    "Number of parameters of `model` (only those requiring grad if `trainable`); an int8 model's integer weights count too"
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+    return n if trainable else n + sum(b.numel() for b in model.buffers() if b.dtype in (torch.int8, torch.uint8))   # int8 weights are buffers
 
 # %% ../nbs/00_core.ipynb #54628501
 defaults = SimpleNamespace(

@@ -110,3 +110,18 @@ def test_console_script_installed():
     assert exe is not None
     res = subprocess.run([exe, '--help'], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and 'slim' in res.stdout and 'export' in res.stdout
+
+def test_slim_quantize_writes_an_int8_onnx_that_agrees(tmp_path, capsys):
+    pytest.importorskip('onnxruntime'); pytest.importorskip('torchao')
+    out = tmp_path/'q'
+    rc = main(['slim', '--method', 'l1', '--quantize', 'ptq', '--dense-epochs', '2', '--prune-epochs', '0', '--finetune-epochs', '1', '--out', str(out)])
+    assert rc == 0
+    stats = json.loads((out/'int8.json').read_text())
+    assert stats['agreement'] >= 0.9 and stats['n'] > 0
+    assert 'int8.onnx predicts as PyTorch' in capsys.readouterr().out
+    net = load_model_dir(out).eval()   # slim.pt is the compacted fp32 network
+    assert sum(p.numel() for p in net.parameters()) < 24058 and json.loads((out/'run.json').read_text())['quantize'] == 'ptq'
+
+def test_slim_quantize_bad_value_names_the_option(tmp_path, capsys):
+    assert main(['slim', '--quantize', 'int4', '--out', str(tmp_path/'x')]) == 2
+    assert '`--quantize`' in capsys.readouterr().err and not (tmp_path/'x').exists()
