@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/report.html.md"""
 
 # %% ../nbs/71_report.ipynb #59634627
 from __future__ import annotations
-import io, os, json, base64
+import io, os, json, base64, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from fastcore.basics import *
 from .core import *
 
 # %% auto #0
-__all__ = ['weight_sparsity', 'deploy_size', 'measure', 'conv_widths', 'SlimReport']
+__all__ = ['SPEED_WARN', 'weight_sparsity', 'deploy_size', 'measure', 'conv_widths', 'speed_warning', 'SlimReport']
 
 # %% ../nbs/71_report.ipynb #adf3bedf
 def _weights(model):
@@ -51,6 +51,26 @@ def conv_widths(model:nn.Module):
     return {n: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
             for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
 
+# %% ../nbs/71_report.ipynb #5d7e2a91
+SPEED_WARN = 0.5   # warn when the measured speed-up is under this share of the MACs reduction
+
+def speed_warning(dense:dict, # `measure` of the dense model
+                  slim:dict, # `measure` of the slim model
+                  widths:dict=None, # {layer: (kept, total)}, to count the pruned widths that are not multiples of 8
+                  batch:int=32, # the batch size whose latency is compared (`measure` times 1 and 32)
+                  share:float=SPEED_WARN, # warn under this share of the MACs reduction
+                 ):
+    "The warning line when the measured speed-up at `batch` is under `share` x the MACs reduction, else None"
+    lat = f'latency_{batch}'
+    if not all(d.get(k) for d in (dense, slim) for k in ('macs', lat)): return None
+    macs, speed = dense['macs'] / slim['macs'], dense[lat] / slim[lat]
+    if macs <= 1 or speed >= share * macs: return None
+    pruned = [k for k, t in (widths or {}).values() if k != t]
+    odd = [k for k in pruned if k % 8]
+    why = f" ({len(odd)} of the {len(pruned)} pruned layer widths are not multiples of 8)" if odd else ""
+    return (f"the measured speed-up at batch {batch} is {speed:.2f}x for a {macs:.2f}x MACs reduction, under {share:g}x of it. "
+            f"Widths off the kernels' vector width run slow{why}: prune with `round_to=8` (or 16) so every kept width is a multiple")
+
 # %% ../nbs/71_report.ipynb #1b4cbb0c
 def _fig_html(fig):
     buf = io.BytesIO(); fig.savefig(buf, format='png', bbox_inches='tight', dpi=90)
@@ -81,6 +101,8 @@ class SlimReport:
                 ):
         store_attr()
         self.stages, self.widths, self.settings = stages or [], widths or {}, settings or {}
+        self.warnings = [w for w in [speed_warning(self.dense, self.slim, self.widths)] if w]
+        for w in self.warnings: warnings.warn(w, stacklevel=2)
 
     def ratios(self):
         "Dense / slim for params, MACs, size and latency (higher is better), and the accuracy change in points"
@@ -107,11 +129,12 @@ class SlimReport:
         if self.stages:
             lines += ['', 'stage                      accuracy         MACs']
             lines += [f"{s['stage']:24} {_fmt('accuracy', s.get('accuracy')):>10} {s['macs']:>14,}" for s in self.stages]
+        lines += [''] + [f'warning: {w}' for w in self.warnings] if self.warnings else []
         return '\n'.join(lines)
 
     def to_dict(self):
         f = lambda t: None if t is None else [float(v) for v in t]
-        return dict(dense=self.dense, slim=self.slim, ratios=self.ratios(), stages=self.stages,
+        return dict(dense=self.dense, slim=self.slim, ratios=self.ratios(), warnings=self.warnings, stages=self.stages,
                     widths={k: list(v) for k, v in self.widths.items()}, settings=self.settings,
                     gammas_before=f(self.gammas_before), gammas_after=f(self.gammas_after))
 
@@ -175,6 +198,7 @@ def _repr_html_(self:SlimReport):
     import matplotlib.pyplot as plt
     rows = ''.join(f'<tr><td>{a}</td><td>{b}</td><td>{c}</td><td>{d}</td></tr>' for a, b, c, d in self.rows())
     html = f'<table><tr><th></th><th>dense</th><th>slim</th><th>dense/slim</th></tr>{rows}</table>'
+    html += ''.join(f'<p><b>warning</b>: {w}</p>' for w in self.warnings)
     for fig in self.figures().values(): html += _fig_html(fig); plt.close(fig)
     return html
 

@@ -12,6 +12,7 @@ from fastslim.models import vgg_tiny
 from fastslim.plan import SlimPlan
 from fastslim.plan.select import select_per_group
 from fastslim.prune import PruneCallback
+from fastslim.report import SlimReport, speed_warning
 import fastslim.slim   # patches `Learner.slim`
 
 ARCHS = {'resnet18': lambda: torchvision.models.resnet18(num_classes=10),
@@ -220,3 +221,20 @@ def test_bad_round_to(dls, bad):
 
 def test_round_to_needs_channels():
     with pytest.raises(ValueError, match='`round_to`'): PruneCallback(ratio=0.5, criterion='magnitude', granularity='weight', round_to=8)
+
+# ---------------------------------------------------------------- the report warns when speed falls short of MACs
+def test_report_speed_warning():
+    "Synthetic measurements (no timing): 4x fewer MACs but 1.25x faster at batch 32 warns and names `round_to`; 2.5x does not"
+    dense = dict(params=10_000, macs=4_000_000, latency_1=1e-3, latency_32=20e-3)
+    slow = dict(params=2_500, macs=1_000_000, latency_1=0.9e-3, latency_32=16e-3)
+    with pytest.warns(UserWarning, match='round_to') as rec:
+        r = SlimReport(dense, slow, widths={'0': (13, 32), '3': (24, 64), 'fc': (10, 10)})
+    assert [str(w.message) for w in rec] == r.warnings and len(r.warnings) == 1
+    assert '1.25x' in r.warnings[0] and '4.00x' in r.warnings[0] and '1 of the 2 pruned layer widths' in r.warnings[0]
+    assert r.warnings[0] in repr(r) and r.to_dict()['warnings'] == r.warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')    # no warning is raised for these
+        assert SlimReport(dense, {**slow, 'latency_32': 8e-3}).warnings == []
+        assert SlimReport(dense, {**slow, 'latency_32': None}).warnings == []   # `measure_speed=False`
+        assert speed_warning(dense, {**slow, 'macs': 4_000_000}) is None
+        assert 'pruned layer widths' not in speed_warning(dense, slow, widths={'0': (16, 32)})   # every width a multiple
