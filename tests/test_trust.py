@@ -7,25 +7,10 @@ from fastai.callback.tracker import SaveModelCallback
 from fastslim.data import digits_dls
 from fastslim.plan import SlimPlan, save_slim, load_slim, plan_of
 import fastslim.plan.compact as P
+from fastslim import test_utils
+from fastslim.test_utils import randomize_bn, state_hash
 
-def small_cnn(c=8):
-    return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
-                         nn.Conv2d(c, 2*c, 3, padding=1), nn.BatchNorm2d(2*c), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2*c, 10))
-
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-.5, .5); m.running_var.uniform_(.5, 2); m.weight.uniform_(.2, 1.2); m.bias.uniform_(-.3, .3)
-    return model
-
-def state_hash(model):
-    "Digest of every key and tensor of the state dict, the hooks and the train/eval flags: equal means nothing changed"
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items(): h.update(k.encode()); h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    return h.hexdigest(), hooks, [m.training for m in model.modules()]
+def small_cnn(c=8): return test_utils.small_cnn(c)   # the models of this file are 8 channels wide by default
 
 def outs(model, x, train):
     "Output tensors on a copy (training mode updates BN statistics), dropout off (it draws other numbers for other widths)"
