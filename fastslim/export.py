@@ -314,6 +314,7 @@ def quantize_pt2e(model_or_learner, # an nn.Module, or a Learner (its model; its
                   example=None, # an input batch; taken from `learn.dls` for a Learner
                   n_batches:int=8, # how many batches of `calib` to calibrate on
                   compile:bool=False, # wrap in `CompiledInt8` (torch.compile with freezing: oneDNN int8 kernels)
+                  reduce_range:bool=True, # 7-bit activations: int8 kernels of x86 CPUs without VNNI (AVX2) cannot saturate (see `fastslim.quantize`)
                  )->nn.Module:
     "Static int8 PT2E quantisation of an eval copy of the model with torchao's X86 quantiser"
     prepare_pt2e, convert_pt2e, allow_train_eval, xiq = _import_torchao()
@@ -324,7 +325,7 @@ def quantize_pt2e(model_or_learner, # an nn.Module, or a Learner (its model; its
     _check_batches(batches, [(f'input {i}', [None, *o.shape[1:]]) for i, o in enumerate(xs)], 'calib')
     batch = torch.export.Dim('batch')
     gm = torch.export.export(_deploy_copy(model), xs, dynamic_shapes=tuple({0: batch} for _ in xs)).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for b in batches: prepared(*(torch.from_numpy(a) for a in b))

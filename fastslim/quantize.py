@@ -98,10 +98,11 @@ class QuantizeCallback(Callback):
         freeze_bn:float=0.5,        # fraction of the fit after which BatchNorm running statistics stop updating
         freeze_observers:float=0.75, # fraction of the fit after which the quantisers' scales and zero points stop moving
         convert:bool=True,          # replace `learn.model` by the converted int8 model after `fit`
+        reduce_range:bool=True,     # 7-bit activations, so int8 kernels of x86 CPUs without VNNI (AVX2) never saturate
     ):
         self.freeze_bn = check_fraction(freeze_bn, 'freeze_bn', high_open=False)
         self.freeze_observers = check_fraction(freeze_observers, 'freeze_observers', high_open=False)
-        self.convert = check_bool(convert, 'convert')
+        self.convert, self.reduce_range = check_bool(convert, 'convert'), check_bool(reduce_range, 'reduce_range')
         self.float_model = self.prepared = self.quantized = None
         _import_qat()   # a missing torchao is reported when the callback is built, not mid-fit
 
@@ -112,7 +113,7 @@ class QuantizeCallback(Callback):
         prepare_qat_pt2e, _, allow_train_eval, _, xiq = _import_qat()
         model, xs = self.learn.model, example_batch(self.learn.dls, n=2)
         gm = _capture(model.train(), tuple(o.to(next(model.parameters()).device) for o in xs))
-        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=self.reduce_range))
         prepared = prepare_qat_pt2e(gm, quantizer)
         bad = _unquantized(prepared)
         if bad: raise QuantizeError(f"the X86 quantiser leaves these layers in fp32, so the model would not be int8: {bad}", bad[0])

@@ -100,7 +100,7 @@ def test_int8_onnx_agrees_with_pytorch_int8(trained, tmp_path):
     learn = fresh(trained[0])
     quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback())
     res = export_int8_onnx(learn.model, tmp_path/'int8.onnx', learn.dls)
-    assert res['agreement'] >= 0.9 and res['n'] == len(learn.dls.valid_ds)
+    assert res['agreement'] >= 0.98 and res['n'] == len(learn.dls.valid_ds)   # 7-bit activations: no int16 saturation on AVX2
     assert {'QuantizeLinear', 'DequantizeLinear'} <= {n.op_type for n in onnx.load(tmp_path/'int8.onnx').graph.node}
     with pytest.raises(ValueError, match='`min_agreement`'): export_int8_onnx(learn.model, tmp_path/'x.onnx', learn.dls, min_agreement=2)
     assert not (tmp_path/'x.onnx').exists()
