@@ -42,10 +42,11 @@ def chunks(plan, scores:dict, min_keep, round_to:int=1):
         s = g.unit_scores(scores[g.name])
         kept = g.kept_units(min_keep, round_to)
         order = torch.argsort(s, descending=True, stable=True)[kept[-1]:]   # the floor keeps the best units
-        order = order[torch.argsort(s[order], stable=True)].tolist()         # ... the rest go lowest first
+        order = order[torch.argsort(s[order], stable=True)]                  # ... the rest go lowest first
+        units, vals = order.tolist(), s[order].tolist()
         for a, b in zip(kept, kept[1:]):
-            us = order[kept[0] - a:kept[0] - b]
-            res.append((float(s[us].mean()), gi, us, len(us) * g.unit_width))
+            i, j = kept[0] - a, kept[0] - b
+            res.append((vals[i] if j - i == 1 else sum(vals[i:j]) / (j - i), gi, units[i:j], (j - i) * g.unit_width))
     return res
 
 def nearest_kept(g, ratio:float, min_keep, round_to:int=1):

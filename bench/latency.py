@@ -1,0 +1,165 @@
+"""Latency benchmark (issue #19, first part): does `round_to` turn a MACs reduction into measured speed, and how does
+fastslim's pruned network compare with Torch-Pruning's at the same MACs?
+
+Models (random weights, the same for every variant of a model: latency does not depend on them): torchvision ResNet-50 and MobileNetV2 at `--size`
+(96x96 by default, to fit the run on 2 cores) and the fastslim CIFAR zoo's ResNet-56 at 32x32.
+For MACs targets 0.5 and 0.25 of the dense network:
+  - fastslim: L1 filter norms normalised per group (`fastslim.criteria.L1Norm`), one global selection to the MACs
+    target (`SlimPlan.select(target_macs=...)`), `min_keep=0.1` (what `learn.slim` uses), with and without `round_to=8`;
+  - Torch-Pruning: `MetaPruner` global pruning with its L1 `MagnitudeImportance` (normalised per group, the same
+    ranking), `max_pruning_ratio=0.9`, with and without its `round_to=8`; its `pruning_ratio` is bisected until the
+    MACs land on the same target (Torch-Pruning has no MACs target of its own).
+Measured: MACs ratio (fastslim's counter for both), the share of conv/linear output widths that are multiples of 8,
+and latency / dense latency in onnxruntime (CPU, 1 thread, via `fastslim.export.export_onnx` + `onnx_latency`) at
+batch 1 and 8, and in PyTorch eager (`fastslim.core.cpu_latency`, 1 thread) at batch 1 and 8. Timings are
+interleaved: every round times every variant of a model once (the dense one included, order rotating), and the
+median over rounds is reported, so a machine shared with other jobs slows all variants alike.
+
+    python bench/latency.py                      # about 10-15 minutes on 2 cores
+    python bench/latency.py --rounds 5 --models resnet56   # a quick look
+"""
+import copy, datetime, math, statistics, sys, tempfile, time, warnings
+from pathlib import Path
+import torch, torchvision, timm
+import torch_pruning as tp
+from fastcore.script import call_parse
+import fastslim.models   # registers the CIFAR zoo with timm
+from fastslim.core import count_macs, cpu_latency
+from fastslim.criteria import L1Norm
+from fastslim.export import export_onnx, onnx_latency, ort_session
+from fastslim.plan import SlimPlan
+
+MODELS = {'resnet50': (lambda: torchvision.models.resnet50(), 'imagenet'),
+          'mobilenet_v2': (lambda: torchvision.models.mobilenet_v2(), 'imagenet'),
+          'resnet56': (lambda: timm.create_model('fastslim_resnet56_cifar'), 'cifar')}
+TIMINGS = ('ort bs1', 'ort bs8', 'torch bs1', 'torch bs8')
+
+def out_layer(model):
+    "The classifier: the last Linear, left alone by both libraries"
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+def widths_mult(model, k=8):
+    "Share of the conv/linear output widths (the classifier left out) that are multiples of `k`"
+    last = out_layer(model)
+    w = [m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in model.modules()
+         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m is not last]
+    return sum(v % k == 0 for v in w) / len(w)
+
+def fastslim_prune(make, x, target, round_to):
+    model = make().eval()
+    plan = SlimPlan(model, x, min_keep=0.1, verify=False)   # compaction equivalence is tested in the notebooks
+    plan.select(L1Norm().scores(plan), target_macs=target, round_to=round_to)
+    return plan.compact().eval()
+
+def tp_prune(make, x, ratio, round_to):
+    model = make().eval()
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
+                                  pruning_ratio=ratio, max_pruning_ratio=0.9, ignored_layers=[out_layer(model)], round_to=round_to)
+    pruner.step()
+    return model.eval()
+
+def tp_at_macs(make, x, target, round_to, dense_macs, tol=0.005, iters=12):
+    "Torch-Pruning's model whose MACs are nearest `target` of the dense ones, its `pruning_ratio` bisected"
+    lo, hi, best = 0., 0.9, None
+    for _ in range(iters):
+        r = (lo + hi) / 2
+        m = tp_prune(make, x, r, round_to)
+        f = count_macs(m, x) / dense_macs
+        if best is None or abs(f - target) < abs(best[1] - target): best = (m, f, r)
+        if abs(f - target) <= tol: break
+        lo, hi = (r, hi) if f > target else (lo, r)
+    return best
+
+def timers(model, x1, x8, tmp, name):
+    "One timing function per measurement: each call times 3 runs of the variant and returns their median"
+    p = Path(tmp)/f'{name}.onnx'
+    export_onnx(model, p, x8[:2])
+    sess = ort_session(p, threads=1)
+    for x in (x1, x8): onnx_latency(sess, x, n=1, warmup=2); cpu_latency(model, x, n=1, warmup=2)
+    return {'ort bs1': lambda: onnx_latency(sess, x1, n=3, warmup=0), 'ort bs8': lambda: onnx_latency(sess, x8, n=3, warmup=0),
+            'torch bs1': lambda: cpu_latency(model, x1, n=3, warmup=0), 'torch bs8': lambda: cpu_latency(model, x8, n=3, warmup=0)}
+
+def bench_model(name, rounds, size, log):
+    make, kind = MODELS[name]
+    side = 32 if kind == 'cifar' else size
+    torch.manual_seed(0)
+    x1, x8 = torch.randn(1, 3, side, side), torch.randn(8, 3, side, side)
+    dense = make().eval()
+    make = lambda: copy.deepcopy(dense)   # every variant prunes the same dense weights
+    dense_macs = count_macs(dense, x1)
+    variants = {('dense', None, None): dense}
+    for target in (0.5, 0.25):
+        for r in (None, 8):
+            t0 = time.perf_counter()
+            variants[('fastslim', target, r)] = fastslim_prune(make, x1, target, r)
+            m, f, ratio = tp_at_macs(make, x1, target, r, dense_macs)
+            variants[('torch-pruning', target, r)] = m
+            log(f"  {name}: pruned at MACs {target} round_to={r} in {time.perf_counter() - t0:.0f} s (torch-pruning ratio {ratio:.3f} -> MACs {f:.3f})")
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = {k: timers(m, x1, x8, tmp, f'v{i}') for i, (k, m) in enumerate(variants.items())}
+        times = {k: {t: [] for t in TIMINGS} for k in variants}
+        keys = list(variants)
+        t0 = time.perf_counter()
+        for i in range(rounds):
+            order = keys[i % len(keys):] + keys[:i % len(keys)]   # the order rotates: no variant always runs first
+            for t in TIMINGS:
+                for k in order: times[k][t].append(fns[k][t]())
+        log(f"  {name}: {rounds} interleaved rounds in {time.perf_counter() - t0:.0f} s")
+    med = {k: {t: statistics.median(v) for t, v in d.items()} for k, d in times.items()}
+    rows = []
+    for k, m in variants.items():
+        macs = count_macs(m, x1) / dense_macs
+        rows.append(dict(model=f'{name} {side}px', method=k[0], target=k[1], round_to=k[2], macs=macs, mult8=widths_mult(m),
+                         **{t: med[k][t] / med[('dense', None, None)][t] for t in TIMINGS},
+                         dense_ms={t: 1e3 * med[('dense', None, None)][t] for t in TIMINGS}))
+    return rows
+
+def table(rows):
+    head = (f"{'model':18} {'method':14} {'MACs tgt':>8} {'round_to':>8} {'MACs':>6} {'x8 widths':>9} "
+            + ' '.join(f'{t:>9}' for t in TIMINGS) + f" {'ort-bs8 speed-up/MACs red.':>27}")
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        eff = (1 / r['ort bs8']) / (1 / r['macs']) if r['method'] != 'dense' else 1.
+        lines.append(f"{r['model']:18} {r['method']:14} {r['target'] or '-':>8} {r['round_to'] or '-':>8} {r['macs']:6.3f} {r['mult8']:9.0%} "
+                     + ' '.join(f"{r[t]:9.3f}" for t in TIMINGS) + f" {eff:27.2f}")
+    return lines
+
+def verdicts(rows):
+    "The issue's 'done when' checks that this benchmark can answer"
+    out = []
+    for model in dict.fromkeys(r['model'] for r in rows):
+        rs = {(r['method'], r['target'], r['round_to']): r for r in rows if r['model'] == model}
+        fs = rs[('fastslim', 0.5, 8)]
+        eff = fs['macs'] / fs['ort bs8']
+        out.append(f"{model}: round_to=8 at MACs 0.5, onnxruntime bs8 speed-up / MACs reduction = {eff:.2f} (goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'})")
+        for target in (0.5, 0.25):
+            for r in (None, 8):
+                a, b = rs[('fastslim', target, r)], rs[('torch-pruning', target, r)]
+                out.append(f"  MACs {target} round_to={r}: fastslim / torch-pruning latency, ort bs1 {a['ort bs1']/b['ort bs1']:.2f}, "
+                           f"ort bs8 {a['ort bs8']/b['ort bs8']:.2f}, torch bs8 {a['torch bs8']/b['torch bs8']:.2f} "
+                           f"(MACs {a['macs']:.3f} vs {b['macs']:.3f}; < 1: fastslim faster)")
+    return out
+
+@call_parse
+def main(
+    models:str='resnet50,mobilenet_v2,resnet56', # comma-separated names from MODELS
+    size:int=96, # input side of the ImageNet models (ResNet-56 runs at 32)
+    rounds:int=15, # interleaved timing rounds (3 runs each; the median over rounds is reported)
+    out:str='bench/results/latency.txt', # where the table goes ('' for nowhere)
+):
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    log = lambda s: print(s, flush=True)
+    rows = []
+    for name in models.split(','): rows += bench_model(name, rounds, size, log)
+    lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x 3 runs (medians)", '',
+             'latency columns: pruned / dense latency (lower is faster); MACs: pruned / dense; x8 widths: share of conv/linear widths that are multiples of 8',
+             ''] + table(rows) + [''] + verdicts(rows) + ['', f'wall time {time.perf_counter() - t0:.0f} s']
+    dense = [r for r in rows if r['method'] == 'dense']
+    lines += [f"dense latency, {r['model']}: " + ', '.join(f"{t} {v:.2f} ms" for t, v in r['dense_ms'].items()) for r in dense]
+    print('\n'.join(lines))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text('\n'.join(lines) + '\n')
