@@ -177,7 +177,15 @@ def _export_to(onnx, m, xs, path, opset, **kwargs):
         raise ExportError(f"the exported {type(m).__name__} refers to external data: the model is too large for one ONNX file")
     written = max([o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')], default=None)
     if written != opset: raise ExportError(f"the exporter wrote opset {written}, not the `opset`={opset} asked for")
+    _strip_debug(proto)
+    onnx.save(proto, str(path))
     return written
+
+def _strip_debug(proto):
+    "Drop the exporter's per-node debug records (stack traces, FX node names): most of a small model's file, none of its function"
+    for n in proto.graph.node: del n.metadata_props[:]
+    for v in proto.graph.value_info: del v.metadata_props[:]
+    return proto
 
 # %% ../nbs/60_export.ipynb #050c2eec
 def _input_specs(sess):

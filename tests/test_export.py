@@ -255,3 +255,13 @@ def test_failed_check_leaves_the_users_file_untouched(tmp_path, monkeypatch):
     monkeypatch.undo()
     res = export_onnx(nn.Linear(3, 2), path, example=torch.randn(2, 3))
     assert res.path == path and os.listdir(tmp_path) == ['m.onnx'] and path.read_bytes() != b'user file'
+
+def test_onnx_file_carries_no_exporter_debug_records(tmp_path):
+    "The dynamo exporter's per-node stack traces were most of a small model's file; the written file has none"
+    import onnx
+    from fastslim.export import export_onnx
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
+    export_onnx(net, tmp_path/'m.onnx', example=torch.randn(2, 1, 8, 8))
+    m = onnx.load(tmp_path/'m.onnx')
+    assert m.graph.node and not any(n.metadata_props for n in m.graph.node)
+    assert (tmp_path/'m.onnx').stat().st_size < 4 * sum(len(i.raw_data) for i in m.graph.initializer) + 4096
