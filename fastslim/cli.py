@@ -64,7 +64,7 @@ def _config(**kwargs):
     "The `SlimConfig` of the command line's slimming options (it checks them); a bad value names the option as typed"
     from fastslim.slim import SlimConfig
     try: return SlimConfig(**kwargs)
-    except ValueError as e: raise _as_options(e, kwargs) from None
+    except ValueError as e: raise _as_options(e, [*kwargs, *kwargs.get('prune_kw', {})]) from None
 
 def _dense_learner(data:str, arch:str, size, bs:int, seed:int):
     "A `Learner` of a freshly initialised `arch` on `data`, with accuracy as metric"
@@ -121,12 +121,14 @@ def slim(
     force:bool=False, # overwrite an output folder that holds a different run
     quantize:str=None, # 'qat' (quantisation-aware training) or 'ptq': end with an int8 model, also written as int8.onnx
     qat_epochs:int=2, # epochs of quantisation-aware training with --quantize qat
+    round_to:int=None, # keep every pruned width a multiple of this (8 or 16 suit CPU and GPU kernels); default: no rounding
 ):
     "Train a dense model on `data`, slim it, print the before/after report and save the slim model"
     from fastslim.slim import epoch_lines, SlimRun
     if ratio is None and target_macs is None: target_macs = 0.25
     cfg = _config(method=method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
-                  finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg, quantize=quantize, qat_epochs=qat_epochs)
+                  finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg, quantize=quantize, qat_epochs=qat_epochs,
+                  prune_kw=dict(round_to=round_to) if round_to is not None else {})
     check_count(dense_epochs, '--dense-epochs', low=0); check_count(bs, '--bs'); check_count(size, '--size', none_ok=True)
     run, outp = dict(data=data, arch=arch, dense_epochs=dense_epochs, size=size, bs=bs, seed=seed, **cfg.to_dict()), Path(out)
     _check_out(outp, run, force)

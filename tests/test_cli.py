@@ -125,3 +125,16 @@ def test_slim_quantize_writes_an_int8_onnx_that_agrees(tmp_path, capsys):
 def test_slim_quantize_bad_value_names_the_option(tmp_path, capsys):
     assert main(['slim', '--quantize', 'int4', '--out', str(tmp_path/'x')]) == 2
     assert '`--quantize`' in capsys.readouterr().err and not (tmp_path/'x').exists()
+
+def test_slim_round_to_keeps_every_pruned_width_a_multiple(tmp_path):
+    out = tmp_path/'r'
+    assert main(['slim', '--method', 'l1', '--round-to', '8', '--target-macs', '0.5', '--dense-epochs', '1', '--prune-epochs', '0',
+                 '--finetune-epochs', '1', '--out', str(out)]) == 0
+    net = load_model_dir(out)
+    widths = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths and all(w % 8 == 0 for w in widths), widths
+    assert json.loads((out/'run.json').read_text())['prune_kw'] == {'round_to': 8}
+
+def test_slim_bad_round_to_names_the_option(tmp_path, capsys):
+    assert main(['slim', '--method', 'l1', '--round-to', '0', '--out', str(tmp_path/'x')]) == 2
+    assert '`--round-to`' in capsys.readouterr().err and not (tmp_path/'x').exists()
