@@ -43,7 +43,8 @@ def measure(model:nn.Module, x, accuracy:float=None, n:int=10):
     m = model.cpu()
     return dict(accuracy=accuracy, params=count_params(m), macs=count_macs(m, x1), size=deploy_size(m),
                 sparsity=weight_sparsity(m), sparse_size=deploy_size(m, sparse=True),
-                latency_1=cpu_latency(m, x1, n=n), latency_32=cpu_latency(m, x32, n=max(3, n//2)))
+                latency_1=cpu_latency(m, x1, n=n), latency_32=cpu_latency(m, x32, n=max(3, n//2)),
+                int8=any(b.dtype in (torch.int8, torch.uint8) for b in m.buffers()))   # integer weights: a quantised model
 
 # %% ../nbs/71_report.ipynb #f570c9f1
 def conv_widths(model:nn.Module):
@@ -65,6 +66,10 @@ def speed_warning(dense:dict, # `measure` of the dense model
     if not all(d.get(k) for d in (dense, slim) for k in ('macs', lat)): return None
     macs, speed = dense['macs'] / slim['macs'], dense[lat] / slim[lat]
     if macs <= 1 or speed >= share * macs: return None
+    if slim.get('int8'):
+        return (f"the int8 model's PyTorch latency ({speed:.2f}x faster than dense at batch {batch}) is its reference graph's: float "
+                f"kernels between quantise and dequantise steps. Its int8 speed shows in ONNX Runtime (`fastslim.quantize.export_int8_onnx`, "
+                f"the command line's int8.onnx) or under torch.compile")
     pruned = [k for k, t in (widths or {}).values() if k != t]
     odd = [k for k in pruned if k % 8]
     why = f" ({len(odd)} of the {len(pruned)} pruned layer widths are not multiples of 8)" if odd else ""

@@ -104,3 +104,11 @@ def test_int8_onnx_agrees_with_pytorch_int8(trained, tmp_path):
     assert {'QuantizeLinear', 'DequantizeLinear'} <= {n.op_type for n in onnx.load(tmp_path/'int8.onnx').graph.node}
     with pytest.raises(ValueError, match='`min_agreement`'): export_int8_onnx(learn.model, tmp_path/'x.onnx', learn.dls, min_agreement=2)
     assert not (tmp_path/'x.onnx').exists()
+
+def test_report_explains_int8_latency_instead_of_suggesting_round_to():
+    from fastslim.report import speed_warning
+    dense = dict(macs=1000, latency_32=1.0)
+    slim = dict(macs=100, latency_32=0.8, int8=True)
+    w = speed_warning(dense, slim, {'conv': (5, 16)})
+    assert 'ONNX Runtime' in w and 'round_to' not in w
+    assert 'round_to' in speed_warning(dense, {**slim, 'int8': False}, {'conv': (5, 16)})
