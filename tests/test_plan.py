@@ -9,20 +9,7 @@ from fastslim.core import count_macs, count_params, eval_mode
 from fastslim.data import digits_dls
 from fastslim.plan import SlimPlan, save_slim, load_slim, plan_of
 from fastslim.prune import MaskCallback   # also patches `Learner.compact`
-
-def small_cnn(c=16):
-    return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
-                         nn.Conv2d(c, 2*c, 3, padding=1), nn.BatchNorm2d(2*c), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2*c, 10))
-
-def randomize_bn(model):
-    "Non-trivial BN statistics and affine params, so equivalence checks are not vacuous"
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-.5, .5); m.running_var.uniform_(.5, 2)
-                m.weight.uniform_(.2, 1.2); m.bias.uniform_(-.3, .3)
-    return model
+from fastslim.test_utils import small_cnn, randomize_bn
 
 def outputs_close(a, b, x, rtol=1e-5):
     with torch.no_grad(), eval_mode(a), eval_mode(b):

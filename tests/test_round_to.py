@@ -14,6 +14,7 @@ from fastslim.plan.select import select_per_group
 from fastslim.prune import PruneCallback
 from fastslim.report import SlimReport, speed_warning
 import fastslim.slim   # patches `Learner.slim`
+from fastslim.test_utils import randomize_bn
 
 ARCHS = {'resnet18': lambda: torchvision.models.resnet18(num_classes=10),
          'mobilenet_v2': lambda: torchvision.models.mobilenet_v2(num_classes=10),   # depthwise convs
@@ -33,15 +34,6 @@ def unit(g, r): return math.lcm(r, g.unit_width)
 def rounded(plan, r):
     "Groups whose kept width is neither a multiple of lcm(round_to, unit width) nor the whole group"
     return [(g.name, g.size, g.n_keep) for g in plan.groups if g.n_keep != g.size and g.n_keep % unit(g, r)]
-
-def randomize_bn(model):
-    "Non-trivial BN statistics and affine params, so the equivalence check is not vacuous"
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-.5, .5); m.running_var.uniform_(.5, 2)
-                m.weight.uniform_(.2, 1.2); m.bias.uniform_(-.3, .3)
-    return model
 
 def odd_cnn():
     "Widths 12 (not a multiple of 8), 6 (narrower than 8) and 20"
