@@ -73,8 +73,11 @@ def speed_warning(dense:dict, # `measure` of the dense model
     pruned = [k for k, t in (widths or {}).values() if k != t]
     odd = [k for k in pruned if k % 8]
     why = f" ({len(odd)} of the {len(pruned)} pruned layer widths are not multiples of 8)" if odd else ""
-    return (f"the measured speed-up at batch {batch} is {speed:.2f}x for a {macs:.2f}x MACs reduction, under {share:g}x of it. "
-            f"Widths off the kernels' vector width run slow{why}: prune with `round_to=8` (or 16) so every kept width is a multiple")
+    head = f"the measured speed-up at batch {batch} is {speed:.2f}x for a {macs:.2f}x MACs reduction, under {share:g}x of it. "
+    if pruned and not odd:   # rounding is not what is missing
+        return head + ("Every pruned width is already a multiple of 8: in PyTorch eager, elementwise work and memory traffic shrink "
+                       "more slowly than MACs on a small network; time the deployed runtime (ONNX Runtime, `fastslim.export.onnx_latency`)")
+    return head + f"Widths off the kernels' vector width run slow{why}: prune with `round_to=8` (or 16) so every kept width is a multiple"
 
 # %% ../nbs/71_report.ipynb #1b4cbb0c
 def _fig_html(fig):

@@ -112,3 +112,8 @@ def test_report_explains_int8_latency_instead_of_suggesting_round_to():
     w = speed_warning(dense, slim, {'conv': (5, 16)})
     assert 'ONNX Runtime' in w and 'round_to' not in w
     assert 'round_to' in speed_warning(dense, {**slim, 'int8': False}, {'conv': (5, 16)})
+
+def test_speed_warning_does_not_suggest_round_to_when_every_width_is_a_multiple():
+    from fastslim.report import speed_warning
+    w = speed_warning(dict(macs=1000, latency_32=1.0), dict(macs=100, latency_32=0.4), {'a': (8, 16), 'b': (24, 32)})
+    assert 'already a multiple of 8' in w and 'prune with `round_to' not in w
