@@ -291,10 +291,11 @@ def _state_hash(model):
     return h.hexdigest(), hooks, [m.training for m in model.modules()]
 
 def test_memory_limit_interrupts_cleanly(monkeypatch):
-    "Deterministic: resident memory is mocked past the limit from the watchdog's first poll, and the build waits for it"
-    readings = iter([0.])                                                # the baseline, then far past any limit
-    monkeypatch.setattr(Budget, 'default_rss', lambda: next(readings, 100.))   # the budget's memory probe
+    "Deterministic: resident memory is mocked past the limit once the build waits, whatever the machine's speed"
     orig, waited = tp_compat.build_graph, []
+    # the budget's memory probe: the baseline until the build below is waiting, then far past any limit
+    # (so a slow machine, whose graph build outlasts a poll, cannot be interrupted before the wait starts)
+    monkeypatch.setattr(Budget, 'default_rss', lambda: 100. if waited else 0.)
     def build_then_wait(*a, **k):
         DG = orig(*a, **k)
         end = time.monotonic() + 60
