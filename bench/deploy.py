@@ -2,7 +2,8 @@
 quantisation-aware (with and without the dense teacher), all measured in one run.
 
 For each network (a VGG-style CNN with BatchNorm, and a CIFAR-style ResNet-20 with one input channel), trained on
-x[:8000] (CPU, one thread): `learn.slim('l1', target_macs=0.1)` (10x fewer MACs, distillation fine-tuning), then
+x[:8000] (CPU, one thread): `learn.slim('l1', target_macs=0.1, round_to=8)` (10x fewer MACs, every width a multiple of 8, distillation
+fine-tuning), then
 
 - slim int8 PTQ (ORT):   ONNX Runtime's static QDQ quantisation of the fp32 ONNX file (`quantize_onnx`);
 - slim int8 PTQ (PT2E):  torchao's PT2E calibration (`quantize_pt2e`), written with `export_int8_onnx`;
@@ -61,7 +62,7 @@ def qat(slim_model, dense, dls, epochs, lr, teacher:bool):
     fit(learn, epochs, lr, cbs)
     return learn.model
 
-def one_net(name, dls, epochs, ft_epochs, qat_epochs, lr, n, threads, d):
+def one_net(name, dls, epochs, ft_epochs, qat_epochs, lr, n, threads, d, round_to):
     "The deployment table of one network, and its goal lines"
     t0 = time.time()
     set_seed(0)
@@ -70,7 +71,7 @@ def one_net(name, dls, epochs, ft_epochs, qat_epochs, lr, n, threads, d):
     dense, x1 = copy.deepcopy(learn.model).eval(), dls.one_batch()[0][:1]
     print(f"{name} dense: {count_params(dense):,} params, {count_macs(dense, x1):,} MACs, accuracy {acc:.4f} ({time.time()-t0:.0f}s)")
     with learn.no_bar(), learn.no_logging():
-        r = learn.slim('l1', target_macs=0.1, prune_epochs=1, finetune_epochs=ft_epochs, lr=lr, measure_speed=False)
+        r = learn.slim('l1', target_macs=0.1, round_to=round_to, prune_epochs=1, finetune_epochs=ft_epochs, lr=lr, measure_speed=False)
     small = copy.deepcopy(learn.model).eval()
     print(f"{name} slim: {count_params(small):,} params, {count_macs(small, x1):,} MACs ({count_macs(dense, x1)/count_macs(small, x1):.1f}x fewer), "
           f"accuracy {r.slim['accuracy']:.4f} ({time.time()-t0:.0f}s)")
@@ -108,13 +109,14 @@ def main(
     lr:float=3e-3, # one-cycle max learning rate (QAT: a tenth of it)
     n:int=30, # timed runs per latency (median reported)
     threads:int=1, # CPU threads for training and timing
+    round_to:int=8, # every pruned width a multiple of this (0: no rounding)
 ):
     "Dense, slim fp32, slim int8 (PTQ two ways, QAT with and without the teacher): the deployment table of each network"
     t0 = time.time()
     torch.set_num_threads(threads)
     dls = npz_dls(data, n_train=8000, bs=128)
     with tempfile.TemporaryDirectory() as d:
-        out = [one_net(name, dls, epochs, ft_epochs, qat_epochs, lr, n, threads, d) for name in nets.split(',')]
-    print(f"\n# bench/deploy.py --nets {nets} --epochs {epochs} --ft-epochs {ft_epochs} --qat-epochs {qat_epochs} ({time.strftime('%Y-%m-%d')})\n")
+        out = [one_net(name, dls, epochs, ft_epochs, qat_epochs, lr, n, threads, d, round_to or None) for name in nets.split(',')]
+    print(f"\n# bench/deploy.py --nets {nets} --epochs {epochs} --ft-epochs {ft_epochs} --qat-epochs {qat_epochs} --round-to {round_to} ({time.strftime('%Y-%m-%d')})\n")
     print('\n\n'.join(out))
     print(f"total {time.time()-t0:.0f}s")
