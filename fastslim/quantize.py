@@ -78,9 +78,8 @@ def _set_bn_training(gm, training:bool):
     changed = False
     for n in gm.graph.nodes:
         if n.op == 'call_function' and n.target in (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default):
-            i = 5 if n.target == torch.ops.aten.batch_norm.default else 5
-            if len(n.args) > i and n.args[i] != training:
-                args = list(n.args); args[i] = training; n.args = tuple(args); changed = True
+            if len(n.args) > 5 and n.args[5] != training:   # both ops: (input, weight, bias, mean, var, training, ...)
+                args = list(n.args); args[5] = training; n.args = tuple(args); changed = True
     if changed: gm.recompile()
     return gm
 
