@@ -117,3 +117,19 @@ def test_speed_warning_does_not_suggest_round_to_when_every_width_is_a_multiple(
     from fastslim.report import speed_warning
     w = speed_warning(dict(macs=1000, latency_32=1.0), dict(macs=100, latency_32=0.4), {'a': (8, 16), 'b': (24, 32)})
     assert 'already a multiple of 8' in w and 'prune with `round_to' not in w
+
+def test_qat_runs_on_fastai_image_batches(tmp_path):
+    "ImageDataLoaders give TensorImage batches: capture, fake-quant training and the int8 result all take them"
+    import timm, fastslim.models
+    from fastai.vision.all import ImageDataLoaders
+    from fastslim.data import digits_folder
+    digits_folder(tmp_path, size=16, per_class=20)
+    set_seed(0)
+    dls = ImageDataLoaders.from_folder(tmp_path, valid_pct=0.2, bs=32, seed=0)
+    learn = Learner(dls, timm.create_model('fastslim_vgg_tiny', num_classes=dls.c, in_chans=3), metrics=accuracy)
+    assert type(dls.one_batch()[0]).__name__ == 'TensorImage'
+    quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback())
+    assert isinstance(learn.model, torch.fx.GraphModule)
+    x = dls.valid.one_batch()[0]
+    with torch.no_grad(): assert learn.model(x).shape == (len(x), dls.c)
+    assert 0 <= valid_acc(learn) <= 1
