@@ -230,8 +230,8 @@ class WidthSearch:
         return _ratios(self.plan, self.keep)
     @property
     def trials(self):
-        "[{'number', 'value', 'macs', 'accuracy', 'loss', 'global'}] of the completed trials"
-        return [dict(number=t.number, value=t.value, **{k: t.user_attrs.get(k) for k in ('macs', 'accuracy', 'loss', 'global')})
+        "[{'number', 'value', 'macs', 'accuracy', 'loss', 'global', 'start'}] of the completed trials ('start': the criterion whose global widths it tried)"
+        return [dict(number=t.number, value=t.value, **{k: t.user_attrs.get(k) for k in ('macs', 'accuracy', 'loss', 'global', 'start')})
                 for t in _complete(self.study)]
 
     def apply(self, learn):
@@ -262,7 +262,9 @@ def plot(self:WidthSearch, fname=None):
     a.plot(xs, ys, 'o', ms=4, color='tab:blue', label='trial')
     a.plot(xs, [max(ys[:i+1]) for i in range(len(ys))], '-', color='tab:orange', label='best so far')
     g = [t for t in ts if t['global']]
-    if g: a.plot([g[0]['number']], [g[0]['value']], '*', ms=12, color='tab:red', label='global criterion')
+    if g: a.plot([g[0]['number']], [g[0]['value']], '*', ms=12, color='tab:red', label=f"global {g[0]['start'] or 'criterion'}")
+    for t in ts:
+        if t['start'] and not t['global']: a.plot([t['number']], [t['value']], 'P', ms=9, color='tab:green', label=f"global {t['start']}")
     a.set_xlabel('trial'); a.set_ylabel(f"proxy ({'-loss' if self.metric == 'loss' else self.metric})"); a.legend(fontsize=7)
     a.set_title('proxy score per trial')
     names, sz = [g.name for g in self.plan.groups], {g.name: g.size for g in self.plan.groups}
@@ -275,7 +277,14 @@ def plot(self:WidthSearch, fname=None):
     if fname is not None: fig.savefig(fname, format='png', bbox_inches='tight', dpi=100)
     return fig
 
-# %% ../nbs/32_search.ipynb #f8710889
+# %% ../nbs/32_search.ipynb #8373f625
+def _global_keep(plan, scores, target_macs, min_keep, round_to):
+    "{group name: channels kept} by one global threshold of `scores` at `target_macs` (the plan's masks are reset after)"
+    plan.select(scores, target_macs=target_macs, scope='global', min_keep=min_keep, round_to=round_to, verify=False)
+    res = _keep_of(plan)
+    for g in plan.groups: g.keep.fill_(True)
+    return res
+
 def _check_learn(learn):
     if not isinstance(getattr(learn, 'model', None), nn.Module) or getattr(learn, 'dls', None) is None:
         raise ValueError(f"`learn` must be a fastai Learner with a model and `dls`, got {type(learn).__name__}")
@@ -319,6 +328,7 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
                   lr:float=1e-2, # learning rate of the distillation steps
                   T:float=4., # distillation temperature
                   alpha:float=0.5, # weight of the distillation loss against the task loss
+                  starts:list=None, # more criteria (names) whose global widths are trials too, after trial 0
                   show_progress:bool=True, # a fastprogress bar over the trials
                  ) -> WidthSearch:
     "Search per-stage (or per-group) widths meeting `target_macs` with an optuna study scored by a cheap proxy"
@@ -333,6 +343,9 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
     alpha = check_fraction(alpha, 'alpha', high_open=False); check_bool(show_progress, 'show_progress')
     crit = get_criterion(criterion)
     if crit.granularity != 'channel': raise ValueError(f"`criterion` must rank channels, {crit.name!r} ranks {crit.granularity}s")
+    starts = [get_criterion(c) for c in (starts or [])]
+    bad = [c.name for c in starts if c.granularity != 'channel']
+    if bad: raise ValueError(f"`starts` must name criteria that rank channels, got {bad}")
     optuna = _optuna()
     fit, score = proxy_batches(learn.dls, calib_batches, score_batches)
     plan = SlimPlan(copy_model(learn.model), example_batch(learn.dls), min_keep=min_keep, verify=False)
@@ -342,13 +355,12 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
     if floor > target_macs: raise ValueError(f"`target_macs`={target_macs} is out of reach: with every group at its floor "
                                              f"(`min_keep`={min_keep}, `round_to`={round_to}) the network keeps {floor:.4f} of the dense MACs")
     scores = crit.scores(plan, learn.dls)
-    plan.select(scores, target_macs=target_macs, scope='global', min_keep=min_keep, round_to=round_to, verify=False)
-    global_keep = _keep_of(plan)
-    for g in plan.groups: g.keep.fill_(True)
+    global_keep = _global_keep(plan, scores, target_macs, min_keep, round_to)
+    more = [(c.name, _global_keep(plan, c.scores(plan, learn.dls), target_macs, min_keep, round_to)) for c in starts]
     dev, x1 = model_device(learn.model), tuple(o[:1] for o in plan.example)
     with torch.no_grad(), eval_mode(learn.model): teacher = [learn.model(*_to(b, dev)[0]).detach() for b in fit] if kd_steps else None
     dense_macs = count_macs(plan.model, x1)
-    settings = _settings(learn, plan, dims, crit, target_macs=target_macs, min_keep=min_keep, round_to=round_to, kd_steps=kd_steps,
+    settings = _settings(learn, plan, dims, crit, starts=[c.name for c in starts], target_macs=target_macs, min_keep=min_keep, round_to=round_to, kd_steps=kd_steps,
                          calib_batches=calib_batches, score_batches=score_batches, metric=metric, seed=seed, lr=lr, T=T, alpha=alpha)
 
     def objective(trial):
@@ -365,7 +377,7 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
         torch.manual_seed(seed + trial.number)
         r = proxy_score(small, fit, score, teacher, kd_steps, lr, T, alpha, getattr(learn, 'loss_func', None))
         for k, v in dict(keep=keep, macs=macs, **r).items(): trial.set_user_attr(k, v)
-        trial.set_user_attr('global', bool(trial.user_attrs.get('global')))
+        trial.set_user_attr('global', bool(trial.user_attrs.get('global'))); trial.set_user_attr('start', trial.user_attrs.get('start'))
         return -r['loss'] if metric == 'loss' else r['accuracy']
 
     from fastprogress.fastprogress import progress_bar
@@ -373,7 +385,9 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
     try:
         study = _open_study(optuna, path, seed, n_trials)
         _check_resume(study, settings, path)
-        if not study.trials: study.enqueue_trial(_dim_fractions(dims, plan, global_keep), user_attrs={'global': True})
+        if not study.trials:
+            study.enqueue_trial(_dim_fractions(dims, plan, global_keep), user_attrs={'global': True, 'start': crit.name})
+            for n, k in more: study.enqueue_trial(_dim_fractions(dims, plan, k), user_attrs={'start': n})
         n_left = max(0, n_trials - len(_complete(study)))
         pb = progress_bar(range(n_left), leave=False) if show_progress and n_left else range(n_left)
         for _ in pb:

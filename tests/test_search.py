@@ -51,6 +51,13 @@ def test_every_trial_meets_the_budget(request, net, space, target):
         assert exact_macs(learn, tr.user_attrs['keep']) <= target     # ... and again from its widths alone
     assert ws.best_trial.value >= ts[0]['value']                      # the global criterion's widths are trial 0
 
+def test_starts_enqueue_more_global_widths(vgg):
+    ws = search_widths(vgg, 0.3, n_trials=3, starts=['slimming'], calib_batches=2, score_batches=2, show_progress=False)
+    ts = ws.trials
+    assert ts[0]['global'] and ts[0]['start'] == 'l1' and ts[1]['start'] == 'slimming' and not ts[1]['global'] and ts[2]['start'] is None
+    assert ws.best_trial.value >= max(ts[0]['value'], ts[1]['value'])
+    with pytest.raises(ValueError, match='`starts` must name criteria that rank channels'): search_widths(vgg, 0.3, starts=['magnitude'])
+
 def test_fit_widths_is_feasible_and_never_empties_a_group(resnet):
     plan = SlimPlan(CifarResNet(depth=8, num_classes=10, in_channels=1, stem_width=8, stage_widths=[8, 16, 16]), example_batch(resnet.dls))
     dims = search_space(plan, 'group')

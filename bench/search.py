@@ -1,0 +1,153 @@
+"""Width search (`fastslim.search.search_widths`) against the global criteria on MNIST-10k, fine-tuned and from scratch.
+
+For each net (the VGG and the ResNet-20 of `bench/peers.py`, widths scaled by `--width`) and seed: train dense
+(`peers.learner`/`peers.fit`: Adam, one-cycle), then at each MACs target build three shapes of the same budget:
+
+* `global_l1`: one global threshold over L1 filter norms (`SlimPlan.select(l1 scores, target_macs=t)`), one shot;
+* `global_slimming`: the same over BatchNorm |gamma| (Network Slimming's criterion, without its sparsity stage);
+* `search`: `search_widths(learn, t, n_trials, criterion='l1')`, L1 choosing the channels within each group.
+
+Each shape is compacted, its BatchNorm statistics re-estimated, then fine-tuned for the same `--finetune` epochs with
+distillation from the dense network (`DistillCallback`), and trained from scratch with the dense run's compute
+(Scratch-B, `fastslim.prune.scratch_b`). Prints mean over seeds of test accuracy (the last 2,000 images, never seen by
+the search), MACs / target, the CPU seconds of the search and of the fine-tuning.
+
+    python bench/search.py                                  # 2 nets x 2 targets x 2 seeds
+    python bench/search.py --nets vgg --targets 0.0333 --seeds 0 --trials 10
+"""
+import argparse, copy, datetime, json, sys, time, warnings
+from pathlib import Path
+import numpy as np, torch
+from fastai.vision.all import accuracy, set_seed
+from fastslim.core import count_macs, example_batch
+from fastslim.data import npz_dls
+from fastslim.plan import SlimPlan
+from fastslim.criteria import get_criterion
+from fastslim.prune import recalibrate_bn, scratch_b
+from fastslim.distill import DistillCallback
+from fastslim.slim import accuracy_of
+from fastslim.search import search_widths
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import NETS, OPTS, DATA, learner, fit   # the same nets, data, optimizers and dense training as bench/peers.py
+
+def cpu(): return time.process_time()
+
+def global_shape(dense, dls, t, crit, min_keep):
+    "The compacted network of one global threshold of `crit`'s scores at `target_macs=t`"
+    plan = SlimPlan(copy.deepcopy(dense), example_batch(dls), min_keep=min_keep)
+    plan.select(get_criterion(crit).scores(plan, dls), target_macs=t, scope='global', min_keep=min_keep)
+    return plan.apply().compact()
+
+def finetune(small, dense, dls, a):
+    "(accuracy with BN statistics re-estimated, accuracy after `a.finetune` epochs of KD from `dense`, CPU seconds)"
+    t0 = cpu()
+    small = recalibrate_bn(copy.deepcopy(small), dls.train)
+    l = learner(dls, small, a.opt); pruned = accuracy_of(l)
+    fit(l, a.finetune, a.opt, [DistillCallback(copy.deepcopy(dense).eval())])
+    return pruned, accuracy_of(l), cpu() - t0
+
+def scratch(small, dls, a, dense_macs, seed):
+    t0 = cpu()
+    f, lr, wd = OPTS[a.opt]
+    sb = scratch_b(dls, small, a.dense, dense_macs, lr=lr, seed=seed, metrics=accuracy, opt_func=f, **({} if wd is None else dict(wd=wd)))
+    return accuracy_of(sb), sb.n_epoch, cpu() - t0
+
+def run_one(net, seed, a, dls, x):
+    set_seed(seed)
+    dense = fit(learner(dls, NETS[net](a.width), a.opt), a.dense, a.opt).model.eval()
+    dense_macs = count_macs(dense, x)
+    out = [dict(net=net, seed=seed, target=1., row='dense', final=accuracy_of(learner(dls, dense, a.opt)), macs_vs_target=1.)]
+    for t in a.targets:
+        shapes = {}
+        for crit in ('l1', 'slimming'):
+            if f'global_{crit}' in a.rows: shapes[f'global_{crit}'] = (global_shape(dense, dls, t, crit, a.min_keep), {})
+        t0 = cpu(); set_seed(seed)
+        if 'search' in a.rows: ws = search_widths(learner(dls, copy.deepcopy(dense), a.opt), t, n_trials=a.trials, criterion=a.criterion, space=a.space,
+                           kd_steps=a.kd_steps, starts=a.starts, calib_batches=a.calib, score_batches=a.score, min_keep=a.min_keep, seed=seed,
+                           show_progress=False, path=Path(a.runs)/f'{net}_s{seed}_t{t:.4g}')
+        if 'search' in a.rows: shapes['search'] = (ws.plan.compact(), dict(search_cpu_s=cpu() - t0, best_trial=ws.best_trial.number,
+                                                    proxy_global=ws.trials[0]['value'], proxy_best=ws.best_trial.value))
+        for name, (small, extra) in shapes.items():
+            r = dict(net=net, seed=seed, target=t, row=name, macs_vs_target=count_macs(small, x) / dense_macs / t, **extra)
+            set_seed(seed)
+            r['pruned'], r['final'], r['finetune_cpu_s'] = finetune(small, dense, dls, a)
+            if t in a.scratch_targets and seed in a.scratch_seeds: r['scratch_b'], r['scratch_epochs'], r['scratch_cpu_s'] = scratch(small, dls, a, dense_macs, seed)
+            out.append(r)
+            print('# row ' + json.dumps(r), flush=True)
+    return out
+
+COLS = ['pruned', 'final', 'scratch_b', 'scratch_epochs', 'macs_vs_target', 'search_cpu_s', 'finetune_cpu_s', 'scratch_cpu_s']
+def table(rows):
+    "Mean over seeds per (net, target, row)"
+    keys = sorted({(r['net'], r['target'], r['row']) for r in rows}, key=lambda k: (k[0], -k[1], k[2]))
+    lines = [f"{'net':9}{'MACs':>6} {'row':16}" + ''.join(f'{c:>15}' for c in COLS)]
+    for k in keys:
+        rs = [r for r in rows if (r['net'], r['target'], r['row']) == k]
+        def fmt(c):
+            v = [r[c] for r in rs if r.get(c) is not None]
+            if not v: return f"{'-':>15}"
+            m = float(np.mean(v))
+            return f"{100*m:>15.2f}" if c in ('pruned', 'final', 'scratch_b') else f"{m:>15.0f}" if c == 'scratch_epochs' else f"{m:>15.3f}" if c == 'macs_vs_target' else f"{m:>15.1f}"
+        lines.append(f"{k[0]:9}{'1x' if k[1] == 1 else f'{1/k[1]:.0f}x':>6} {k[2]:16}" + ''.join(fmt(c) for c in COLS))
+    return '\n'.join(lines)
+
+def goals(rows, a):
+    "The issue's goals at the last (smallest) target, per net: searched - best global, fine-tuned and Scratch-B, and the costs"
+    t, res = min(a.targets), []
+    for net in a.nets:
+        m = lambda row, c: float(np.mean([r[c] for r in rows if (r['net'], r['target'], r['row']) == (net, t, row) and r.get(c) is not None] or [np.nan]))
+        best = max(('global_l1', 'global_slimming'), key=lambda g: m(g, 'final'))
+        best_sb = max(('global_l1', 'global_slimming'), key=lambda g: m(g, 'scratch_b'))
+        d, dsb = 100 * (m('search', 'final') - m(best, 'final')), 100 * (m('search', 'scratch_b') - m(best_sb, 'scratch_b'))
+        cs, cf = m('search', 'search_cpu_s'), m('search', 'finetune_cpu_s')
+        res.append(f"{net} at {1/t:.0f}x: search - {best} (fine-tuned) = {d:+.2f} points (goal >= +0.50: {'met' if d >= 0.5 else 'NOT met'}); "
+                   f"Scratch-B search - {best_sb} = {dsb:+.2f} points (goal > 0: {'met' if dsb > 0 else 'NOT met'}); "
+                   f"search {cs/60:.2f} CPU-min vs fine-tuning {cf/60:.2f} CPU-min (goal search <= fine-tuning: {'met' if cs <= cf else 'NOT met'})")
+    return '\n'.join(res)
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
+    p.add_argument('--targets', type=float, nargs='+', default=[0.1, 1/30])
+    p.add_argument('--scratch_targets', type=float, nargs='*', default=None, help='targets with a Scratch-B row (default: all)')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    p.add_argument('--scratch_seeds', type=int, nargs='*', default=None, help='seeds with a Scratch-B row (default: all)')
+    p.add_argument('--width', type=float, default=0.5, help='multiplier of every layer width (peers.NETS)')
+    p.add_argument('--opt', default='adam', choices=list(OPTS))
+    p.add_argument('--dense', type=int, default=2, help='dense epochs (and the compute Scratch-B matches)')
+    p.add_argument('--finetune', type=int, default=3, help='distillation fine-tuning epochs of every shape')
+    p.add_argument('--rows', nargs='+', default=['global_l1', 'global_slimming', 'search'])
+    p.add_argument('--criterion', default='l1', help="the search's criterion: trial 0's global widths and the channels within each group")
+    p.add_argument('--starts', nargs='*', default=['slimming'], help="more criteria whose global widths are early trials")
+    p.add_argument('--trials', type=int, default=20)
+    p.add_argument('--space', default='stage', choices=['stage', 'group'])
+    p.add_argument('--kd_steps', type=int, default=16)
+    p.add_argument('--calib', type=int, default=4)
+    p.add_argument('--score', type=int, default=4)
+    p.add_argument('--min_keep', type=float, default=0.1)
+    p.add_argument('--runs', default='/tmp/fastslim_search_bench', help='folder of the studies (resumable)')
+    p.add_argument('--threads', type=int, default=1)
+    a = p.parse_args()
+    a.scratch_targets = a.targets if a.scratch_targets is None else a.scratch_targets
+    a.scratch_seeds = a.seeds if a.scratch_seeds is None else a.scratch_seeds
+    if not DATA.exists(): raise SystemExit(f"no data at {DATA}")
+    torch.set_num_threads(a.threads); warnings.simplefilter('ignore')
+    from fastai.basics import defaults
+    from fastai.callback.progress import ProgressCallback
+    defaults.callbacks = [c for c in defaults.callbacks if c is not ProgressCallback]   # no bars in the log (scratch_b's learner too)
+    dls = npz_dls(DATA, n_train=8000, bs=128)
+    x = dls.one_batch()[0][:1].cpu()
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  python {' '.join(sys.argv)}")
+    print(f"# MNIST-10k (8000 train / 2000 test); {a.opt}, dense {a.dense} ep; every shape: BN re-estimated, then {a.finetune} ep of KD "
+          f"from dense, and Scratch-B; search: {a.trials} trials, space {a.space}, criterion {a.criterion}, starts {a.starts}, {a.kd_steps} KD steps, {a.calib}+{a.score} batches; "
+          f"width x{a.width}; Scratch-B at targets {a.scratch_targets}, seeds {a.scratch_seeds}")
+    t0, rows = time.time(), []
+    for net in a.nets:
+        for seed in a.seeds:
+            rows += run_one(net, seed, a, dls, x)
+            print(f"# done {net} seed {seed} ({time.time() - t0:.0f}s)", flush=True)
+    print(table(rows))
+    print(goals(rows, a))
+    print(f"# total {time.time() - t0:.0f}s wall")
+
+if __name__ == '__main__': main()
