@@ -15,7 +15,7 @@ the search), MACs / target, the CPU seconds of the search and of the fine-tuning
     python bench/search.py                                  # 2 nets x 2 targets x 2 seeds
     python bench/search.py --nets vgg --targets 0.0333 --seeds 0 --trials 10
 """
-import argparse, copy, datetime, json, sys, time, warnings
+import argparse, contextlib, copy, datetime, io, json, sys, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from fastai.vision.all import accuracy, set_seed
@@ -49,32 +49,54 @@ def finetune(small, dense, dls, a):
 def scratch(small, dls, a, dense_macs, seed):
     t0 = cpu()
     f, lr, wd = OPTS[a.opt]
-    sb = scratch_b(dls, small, a.dense, dense_macs, lr=lr, seed=seed, metrics=accuracy, opt_func=f, **({} if wd is None else dict(wd=wd)))
+    with contextlib.redirect_stdout(io.StringIO()):   # fastai's per-epoch lines
+        sb = scratch_b(dls, small, a.dense, dense_macs, lr=lr, seed=seed, metrics=accuracy, opt_func=f, **({} if wd is None else dict(wd=wd)))
     return accuracy_of(sb), sb.n_epoch, cpu() - t0
 
-def run_one(net, seed, a, dls, x):
+def dense_net(net, seed, a, dls):
     set_seed(seed)
-    dense = fit(learner(dls, NETS[net](a.width), a.opt), a.dense, a.opt).model.eval()
-    dense_macs = count_macs(dense, x)
-    out = [dict(net=net, seed=seed, target=1., row='dense', final=accuracy_of(learner(dls, dense, a.opt)), macs_vs_target=1.)]
-    for t in a.targets:
-        shapes = {}
-        for crit in ('l1', 'slimming'):
-            if f'global_{crit}' in a.rows: shapes[f'global_{crit}'] = (global_shape(dense, dls, t, crit, a.min_keep), {})
+    return fit(learner(dls, NETS[net](a.width), a.opt), a.dense, a.opt).model.eval()
+
+def shapes_at(net, seed, t, dense, dls, a):
+    "{row: (compacted network, extra columns)} of the three shapes at target `t`"
+    shapes = {}
+    for crit in ('l1', 'slimming'):
+        if f'global_{crit}' in a.rows: shapes[f'global_{crit}'] = (global_shape(dense, dls, t, crit, a.min_keep), {})
+    if 'search' in a.rows:
         t0 = cpu(); set_seed(seed)
-        if 'search' in a.rows: ws = search_widths(learner(dls, copy.deepcopy(dense), a.opt), t, n_trials=a.trials, criterion=a.criterion, space=a.space,
-                           kd_steps=a.kd_steps, starts=a.starts, calib_batches=a.calib, score_batches=a.score, min_keep=a.min_keep, seed=seed,
-                           show_progress=False, path=Path(a.runs)/f'{net}_s{seed}_t{t:.4g}')
-        if 'search' in a.rows: shapes['search'] = (ws.plan.compact(), dict(search_cpu_s=cpu() - t0, best_trial=ws.best_trial.number,
-                                                    proxy_global=ws.trials[0]['value'], proxy_best=ws.best_trial.value))
-        for name, (small, extra) in shapes.items():
-            r = dict(net=net, seed=seed, target=t, row=name, macs_vs_target=count_macs(small, x) / dense_macs / t, **extra)
-            set_seed(seed)
-            r['pruned'], r['final'], r['finetune_cpu_s'] = finetune(small, dense, dls, a)
-            if t in a.scratch_targets and seed in a.scratch_seeds: r['scratch_b'], r['scratch_epochs'], r['scratch_cpu_s'] = scratch(small, dls, a, dense_macs, seed)
-            out.append(r)
-            print('# row ' + json.dumps(r), flush=True)
-    return out
+        ws = search_widths(learner(dls, copy.deepcopy(dense), a.opt), t, n_trials=a.trials, criterion=a.criterion, space=a.space,
+                           kd_steps=a.kd_steps, starts=a.starts, calib_batches=a.calib, score_batches=a.score, min_keep=a.min_keep,
+                           seed=seed, show_progress=False, path=Path(a.runs)/f'{net}_s{seed}_t{t:.4g}')
+        shapes['search'] = (ws.plan.compact(), dict(search_cpu_s=cpu() - t0, best_trial=ws.best_trial.number,
+                                                    proxy_start=ws.trials[0]['value'], proxy_best=ws.best_trial.value))
+    return shapes
+
+def emit(rows, r):
+    rows.append(r); print('# row ' + json.dumps(r), flush=True)
+
+def run(a, dls, x):
+    "Dense nets first, then the fine-tuned rows target by target (the first target first), then Scratch-B: partial output stays useful"
+    rows, dense, small = [], {}, {}
+    for net in a.nets:
+        for seed in a.seeds:
+            dense[net, seed] = dense_net(net, seed, a, dls)
+            emit(rows, dict(net=net, seed=seed, target=1., row='dense', final=accuracy_of(learner(dls, dense[net, seed], a.opt)), macs_vs_target=1.))
+    for t in a.targets:
+        for net in a.nets:
+            for seed in a.seeds:
+                d = dense[net, seed]; dm = count_macs(d, x)
+                for name, (m, extra) in shapes_at(net, seed, t, d, dls, a).items():
+                    r = dict(net=net, seed=seed, target=t, row=name, macs_vs_target=count_macs(m, x) / dm / t, **extra)
+                    set_seed(seed)
+                    r['pruned'], r['final'], r['finetune_cpu_s'] = finetune(m, d, dls, a)
+                    emit(rows, r); small[net, seed, t, name] = m
+        print(table(rows), flush=True)
+    for (net, seed, t, name), m in small.items():
+        if t not in a.scratch_targets or seed not in a.scratch_seeds: continue
+        r = next(r for r in rows if (r['net'], r['seed'], r['target'], r['row']) == (net, seed, t, name))
+        r['scratch_b'], r['scratch_epochs'], r['scratch_cpu_s'] = scratch(m, dls, a, count_macs(dense[net, seed], x), seed)
+        print(f"# scratch {net} seed {seed} {t:.4g} {name}: {r['scratch_b']:.4f} ({r['scratch_epochs']} ep, {r['scratch_cpu_s']:.0f} CPU-s)", flush=True)
+    return rows
 
 COLS = ['pruned', 'final', 'scratch_b', 'scratch_epochs', 'macs_vs_target', 'search_cpu_s', 'finetune_cpu_s', 'scratch_cpu_s']
 def table(rows):
@@ -108,7 +130,7 @@ def goals(rows, a):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
-    p.add_argument('--targets', type=float, nargs='+', default=[0.1, 1/30])
+    p.add_argument('--targets', type=float, nargs='+', default=[1/30, 0.1])
     p.add_argument('--scratch_targets', type=float, nargs='*', default=None, help='targets with a Scratch-B row (default: all)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     p.add_argument('--scratch_seeds', type=int, nargs='*', default=None, help='seeds with a Scratch-B row (default: all)')
@@ -141,11 +163,8 @@ def main():
     print(f"# MNIST-10k (8000 train / 2000 test); {a.opt}, dense {a.dense} ep; every shape: BN re-estimated, then {a.finetune} ep of KD "
           f"from dense, and Scratch-B; search: {a.trials} trials, space {a.space}, criterion {a.criterion}, starts {a.starts}, {a.kd_steps} KD steps, {a.calib}+{a.score} batches; "
           f"width x{a.width}; Scratch-B at targets {a.scratch_targets}, seeds {a.scratch_seeds}")
-    t0, rows = time.time(), []
-    for net in a.nets:
-        for seed in a.seeds:
-            rows += run_one(net, seed, a, dls, x)
-            print(f"# done {net} seed {seed} ({time.time() - t0:.0f}s)", flush=True)
+    t0 = time.time()
+    rows = run(a, dls, x)
     print(table(rows))
     print(goals(rows, a))
     print(f"# total {time.time() - t0:.0f}s wall")
