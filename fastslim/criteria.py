@@ -17,6 +17,7 @@ from .plan import SlimPlan
 from .plan.group import bn_members, check_round_to
 from .plan.select import select_per_group, resolve_ratios
 from .blocks import branch_scales, residual_blocks, end_path
+from .distrib import sum_ranks, mean_ranks
 
 _all_ = ['select_per_group']   # moved to fastslim.plan.select, still importable from here
 
@@ -246,7 +247,7 @@ class _Reconstructing(Criterion):
         cons = {g.name: group_consumers(plan, g) for g in plan.groups}
         layers = {n: m for cs in cons.values() for n, m, *_ in cs}
         inputs = _collect(plan.model, layers, data, self.n_samples, self.seed)
-        return {g.name: _contribution_gram(plan, g, inputs) for g in plan.groups if cons[g.name]}
+        return {g.name: sum_ranks(_contribution_gram(plan, g, inputs)) for g in plan.groups if cons[g.name]}   # distributed: every rank's samples
 
     def reconstruct(self, plan:SlimPlan, dls=None, reference:nn.Module=None):
         "Least-squares rewrite of every consumer of removed channels; zeroes the plan's masks"
@@ -325,7 +326,7 @@ class ThiNet(_Reconstructing):
         "Scale the kept input slices of `m` so their summed contributions fit `y` best"
         W = _wview(m.weight)
         Z = torch.einsum('sck,ock->soc', x, W[:, kept].float()).flatten(0, 1)
-        w = _lstsq((Z.T @ Z).double().cpu(), (Z.T @ y.flatten()).double().cpu()[:, None])[:, 0]
+        w = _lstsq(sum_ranks((Z.T @ Z).double().cpu()), sum_ranks((Z.T @ y.flatten()).double().cpu()[:, None]))[:, 0]
         W[:, kept] *= w.to(W)[None, :, None]
 
 # %% ../nbs/30_criteria.ipynb #b295c353
@@ -364,7 +365,7 @@ class Regression(_Reconstructing):
     def _fit(self, m, x, y, kept):
         "Least-squares weights of `m` on its kept inputs that best reproduce `y`"
         X = x.flatten(1)
-        sol = _lstsq((X.T @ X).double().cpu(), (X.T @ y).double().cpu())       # (kept*k, out)
+        sol = _lstsq(sum_ranks((X.T @ X).double().cpu()), sum_ranks((X.T @ y).double().cpu()))       # (kept*k, out); summed over ranks
         W = _wview(m.weight)
         W[:, kept] = sol.T.reshape(W.shape[0], len(kept), W.shape[2]).to(W)
 
@@ -416,7 +417,8 @@ class Taylor(Criterion):
                 for b in batches:
                     for p in params: p.grad = None
                     loss_func(plan.model(*b[:n_inp]), *b[n_inp:]).backward()
-                    for g in plan.groups: acc[g.name] += _grad_weight(g).cpu().pow(2)
+                    gw = mean_ranks(torch.cat([_grad_weight(g).cpu() for g in plan.groups]))   # distributed: the whole batch's gradient
+                    for g, v in zip(plan.groups, gw.split([g.size for g in plan.groups])): acc[g.name] += v.pow(2)
         finally:
             for p, s in zip(params, saved): p.grad = s
         return {k: v / len(batches) for k, v in acc.items()}

@@ -17,6 +17,7 @@ from fastai.callback.hook import Hooks
 from fastai.torch_core import to_device
 from .checks import check_choice, check_nonneg
 from .core import model_device, eval_mode, example_batch
+from .distrib import unwrap, sync_state, mean_ranks, distributed
 
 # %% auto #0
 __all__ = ['feature_losses', 'default_feature_weights', 'kd_loss', 'dkd_loss', 'attention_map', 'at_loss', 'similarity_matrix',
@@ -195,7 +196,7 @@ class DistillCallback(Callback):
     def before_fit(self):
         "Freeze the teacher, hook the feature layers, check shapes and give FitNet adapters to the optimizer"
         self._remove_hooks()                     # left over if a previous fit died with an exception
-        student = self.learn.model
+        student = unwrap(self.learn.model)
         teacher = self.teacher if self.teacher is not None else _frozen_copy(student)
         s_mods = _get_modules(student, [s for s, _ in self.pairs], 'student')
         t_mods = _get_modules(teacher, [t for _, t in self.pairs], 'teacher')
@@ -218,8 +219,9 @@ class DistillCallback(Callback):
         xb = to_device(example_batch(self.dls), self._device)
         self._record = True
         try:
-            with torch.no_grad(), eval_mode(self.learn.model):
-                ps, pt = self.learn.model(*xb), self.teacher(*xb)
+            student = unwrap(self.learn.model)
+            with torch.no_grad(), eval_mode(student):
+                ps, pt = student(*xb), self.teacher(*xb)
             fs, ft = self._s_hooks.stored, self._t_hooks.stored
         finally: self._record = False
         self._clear()
@@ -262,6 +264,12 @@ class DistillCallback(Callback):
                 if id(group[i]) in ids: del group[i]
 
     def before_train(self): self.teacher.eval(); self._record = True
+    def before_step(self):
+        "Distributed: the FitNet adapters (outside DDP) get their gradients averaged over the ranks, as the student's are"
+        if self.adapters is None or not distributed(): return
+        for p in self.adapters.parameters():
+            if p.grad is None: p.grad = torch.zeros_like(p)
+            mean_ranks(p.grad)
     def before_validate(self): self._record = False; self._clear()
     def before_batch(self): self._clear()
 
@@ -314,3 +322,4 @@ class DistillCallback(Callback):
         self._clear()
         self._remove_hooks()
         self._remove_adapters()
+        sync_state(self.learn.model)   # distributed: every rank leaves with rank 0's BatchNorm statistics

@@ -18,6 +18,7 @@ from .checks import *
 from .plan import SlimPlan, plan_of
 from .plan.group import check_min_keep, check_round_to
 from .schedule import PruneSchedule, OneShot, Iterative, AGP
+from .distrib import unwrap, sync_state, mean_ranks, world_size
 
 # %% auto #0
 __all__ = ['MaskCallback', 'PruneCallback', 'recalibrate_bn', 'scratch_model', 'scratch_epochs', 'scratch_learner', 'scratch_e',
@@ -34,26 +35,36 @@ class MaskCallback(Callback):
         "Pickled (by `learn.export`) without the plan: the masks are buffers of the model, and `before_fit` finds them again"
         return {**self.__dict__, 'plan': None, 'hard': self.plan.hard if self.plan is not None else self.hard}
     def before_fit(self):
-        if self.plan is None or self.plan.model is not self.learn.model:   # after `load_learner`, or a new model
-            self.plan = plan_of(self.learn.model) or SlimPlan(self.learn.model, example_batch(self.learn.dls))
+        model = unwrap(self.learn.model)
+        if self.plan is None or self.plan.model is not model:   # after `load_learner`, or a new model
+            self.plan = plan_of(model) or SlimPlan(model, example_batch(self.learn.dls))
             self.plan.hard = self.hard
         self.plan.apply(getattr(self.learn, 'opt', None), filters_only=not self.plan.hard)
     def before_step(self):
         if self.plan.hard: self.plan.mask_grads()
     def after_step(self):
         if self.plan.hard: self.plan.apply()
+    def after_fit(self): sync_state(self.plan.model)   # distributed: every rank leaves with rank 0's BatchNorm statistics
 
 # %% ../nbs/31_prune.ipynb #420fb500
 @patch
 def compact(self:Learner, plan:SlimPlan=None):
-    "Replace `self.model` by `plan`'s compacted model and rebuild the optimizer on its parameters"
-    plan = plan or plan_of(self.model)
+    "Replace `self.model` by `plan`'s compacted model and rebuild the optimizer (and, during a distributed `fit`, the DDP wrapper) on it"
+    model = unwrap(self.model)
+    plan = plan or plan_of(model)
     if plan is None: raise ValueError("`plan` is required: no SlimPlan was built on this learner's model")
-    if plan.model is not self.model: raise ValueError("`plan` was built on another model than this learner's")
-    dev = model_device(self.model)
-    self.model = plan.compact().to(dev)
+    if plan.model is not model: raise ValueError("`plan` was built on another model than this learner's")
+    new = plan.compact().to(model_device(model))
+    self.model = new if self.model is model else _rewrap(self, new)
     self.create_opt()
-    return self.model
+    return new
+
+def _rewrap(learn:Learner, model:nn.Module):
+    "`model` wrapped the way `learn.model` is now: by the Accelerator of fastai's `DistributedTrainer`, or in `DataParallel`"
+    if isinstance(learn.model, nn.DataParallel): return nn.DataParallel(model, device_ids=learn.model.device_ids)
+    trainer = next((cb for cb in learn.cbs if hasattr(cb, 'accelerator')), None)
+    if trainer is None: raise RuntimeError(f"`learn.model` is a {type(learn.model).__name__}, but no fastai DistributedTrainer is there to re-wrap the compacted model")
+    return trainer.accelerator.prepare(model)
 
 # %% ../nbs/31_prune.ipynb #a95bd133
 def _schedule(schedule, start, end, n_steps):
@@ -125,16 +136,17 @@ class PruneCallback(Callback):
         if hasattr(self.learn, 'lr_finder'): return
         if getattr(self.crit, 'needs_data', False) and getattr(self.learn, 'dls', None) is None:
             raise ValueError("this criterion needs data: the learner has no `dls`")
-        if self.plan is None or self.plan.model is not self.learn.model: self.plan = self._plan_for(self.learn)
+        if self.plan is None or self.plan.model is not unwrap(self.learn.model): self.plan = self._plan_for(self.learn)
         self.plan.hard = not self.soft
-        n_iters = self.learn.n_epoch * len(self.learn.dls.train)
+        n_iters = self.learn.n_epoch * -(-len(self.learn.dls.train) // world_size())   # distributed: each rank steps through its share
         self.steps = {} if self.soft else dict(zip(self.schedule.steps(n_iters), self.schedule.fractions))
-        self.rewind_state = copy.deepcopy(self.learn.model.state_dict()) if self.rewind_epoch == 0 else None
+        self.rewind_state = copy.deepcopy(self.plan.model.state_dict()) if self.rewind_epoch == 0 else None
 
     def _plan_for(self, learn:Learner):
         "The plan already on `learn.model`, or a new one built on an example batch of all its inputs (`example_batch`)"
         kw = {} if self.min_keep is None else dict(min_keep=self.min_keep)
-        return plan_of(learn.model) or SlimPlan(learn.model, example_batch(learn.dls), **kw)
+        model = unwrap(learn.model)
+        return plan_of(model) or SlimPlan(model, example_batch(learn.dls), **kw)
 
     def _prune_step(self, frac:float):
         "Select and apply masks for fraction `frac` of the final target"
@@ -150,6 +162,7 @@ class PruneCallback(Callback):
         else: plan.select(scores, ratio=self.ratio * frac, scope=self.scope, verify=self.verify, **kw)
         if hasattr(self.crit, 'reconstruct'): self.crit.reconstruct(plan, dls)
         if self.rewind_state is not None: self._rewind()
+        sync_state(plan.model)   # distributed: the masks (and any reconstructed weights) of rank 0 on every rank
         plan.apply(self.learn.opt, filters_only=self.soft)
         self.log.append(dict(iter=getattr(self.learn, 'train_iter', None), epoch=getattr(self.learn, 'epoch', None), frac=frac,
                              kept=sum(g.n_keep for g in plan.groups), total=sum(g.size for g in plan.groups)))
@@ -157,7 +170,7 @@ class PruneCallback(Callback):
     def prune_now(self, learn:Learner):
         "Prune `learn`'s model to the full target at once, outside `fit` (what a one-shot schedule does at `start`)"
         self.learn = learn
-        if self.plan is None or self.plan.model is not learn.model: self.plan = self._plan_for(learn)
+        if self.plan is None or self.plan.model is not unwrap(learn.model): self.plan = self._plan_for(learn)
         self.plan.hard, self.rewind_state = not self.soft, None
         if getattr(learn, 'opt', None) is None: learn.create_opt()
         self._prune_step(1.)
@@ -166,7 +179,7 @@ class PruneCallback(Callback):
     def _rewind(self):
         "Lottery-ticket rewinding: survivors take back their values from `rewind_epoch`"
         with torch.no_grad():
-            for k, v in self.learn.model.state_dict().items():
+            for k, v in self.plan.model.state_dict().items():
                 if k in self.rewind_state and 'slim_' not in k and v.dtype.is_floating_point: v.copy_(self.rewind_state[k])
 
     def before_batch(self):
@@ -180,13 +193,14 @@ class PruneCallback(Callback):
 
     def after_epoch(self):
         if self.rewind_epoch is not None and self.epoch + 1 == self.rewind_epoch:
-            self.rewind_state = copy.deepcopy(self.learn.model.state_dict())
+            self.rewind_state = copy.deepcopy(self.plan.model.state_dict())
         if self.soft and self.schedule.start <= (self.epoch + 1) / self.n_epoch and self.epoch / self.n_epoch < self.schedule.end + 1e-9:
             self._prune_step(1.)    # SFP: same rate every epoch, masks recomputed, filters zeroed and free to regrow
 
     def after_fit(self):
         if not hasattr(self, 'steps'): return
         if self.soft: self.plan.apply()   # the last mask is final: zero everything it covers
+        sync_state(self.plan.model)       # distributed: every rank compacts rank 0's weights and BatchNorm statistics
         if self.compact_at_end: self.learn.compact(self.plan)
 
 # %% ../nbs/31_prune.ipynb #27fad76b
@@ -203,7 +217,9 @@ def recalibrate_bn(model:nn.Module, dl, n_batches:int=20,
         for i, b in enumerate(dl):
             if i >= n_batches: break
             model(*(o.to(dev) for o in split_batch(b, n_inp or getattr(dl, 'n_inp', None))[0]))
-    for m, (mom, tr) in state.items(): m.momentum, m.training = mom, tr
+    for m, (mom, tr) in state.items():
+        m.momentum, m.training = mom, tr
+        mean_ranks(m.running_mean); mean_ranks(m.running_var)   # distributed: the average of every rank's estimate
     return model
 
 # %% ../nbs/31_prune.ipynb #5b1b068b

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from fastcore.basics import *
 from .core import *
+from .distrib import is_main
 
 # %% auto #0
 __all__ = ['SPEED_WARN', 'weight_sparsity', 'deploy_size', 'measure', 'conv_widths', 'speed_warning', 'SlimReport']
@@ -212,8 +213,9 @@ def _repr_html_(self:SlimReport):
 
 @patch
 def save(self:SlimReport, path):
-    "Write `report.json` and one PNG per plot into the folder `path`; returns the written paths"
+    "Write `report.json` and one PNG per plot into the folder `path`; returns the written paths (none but on rank 0 of a distributed run)"
     import matplotlib.pyplot as plt
+    if not is_main(): return []
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     def write(name, f):   # each file whole or not at all: written under a temporary name, then renamed
         tmp = path/f'.{name}.tmp'

@@ -27,6 +27,7 @@ from .blocks import remove_dead_blocks
 from .criteria import get_criterion, magnitude_scores
 from .quantize import QuantizeCallback, with_device_marker
 from .export import quantize_pt2e
+from .distrib import is_main, barrier, sync_state
 
 # %% auto #0
 __all__ = ['METHODS', 'SlimMethod', 'ChannelMethod', 'WeightMethod', 'BlockMethod', 'register_method', 'get_method', 'SlimConfig',
@@ -270,17 +271,19 @@ class _Stages:
             d = json.loads(f.read_text())
             if d['settings'] != settings: raise ValueError(f"`path` {path} holds a run with other settings; resume needs the same ones")
             self.records, self.done = d['records'], d['done']
-        self.path.mkdir(parents=True, exist_ok=True)
+        if is_main(): self.path.mkdir(parents=True, exist_ok=True)   # distributed: rank 0 writes, the others read
 
     def finish(self, stage, model, record:bool=True, **measured):
         "Mark `stage` done (its row in the stage table unless not `record`) and checkpoint `model`"
         if record: self.records.append(dict(stage=stage, **measured))
         self.done.append(stage)
         if self.path is None: return
-        save_slim(model, self.path/f'{stage}.pt')
-        tmp = self.path/'progress.json.tmp'   # written whole, then renamed: an interrupt never leaves half a file
-        tmp.write_text(json.dumps(dict(settings=self.settings, records=self.records, done=self.done), indent=1))
-        tmp.replace(self.path/'progress.json')
+        if is_main():
+            save_slim(model, self.path/f'{stage}.pt')
+            tmp = self.path/'progress.json.tmp'   # written whole, then renamed: an interrupt never leaves half a file
+            tmp.write_text(json.dumps(dict(settings=self.settings, records=self.records, done=self.done), indent=1))
+            tmp.replace(self.path/'progress.json')
+        barrier()   # distributed: no rank goes on before the checkpoint is whole
 
     def load(self, stage, dense, x):
         "The model checkpointed after `stage`, rebuilt from a copy of `dense` (block edits, masks and compaction redone)"
@@ -321,6 +324,7 @@ class SlimRun:
     def start(self):
         "Keep the dense network (teacher, report, what an error gives back); record it, or load the last finished stage"
         learn, st = self.learn, self.st
+        sync_state(learn.model)   # distributed: every rank starts from rank 0's network (and so records the same accuracy)
         self.dense = copy.deepcopy(learn.model)
         self.gammas_before = bn_scales(self.dense)
         if st.done:
@@ -328,7 +332,7 @@ class SlimRun:
             self.gammas_after = bn_scales(learn.model if st.done[-1] == 'sparse' else st.load('sparse', self.dense, self.x))
             return
         st.records.append(dict(stage='dense', **self.record('dense')))
-        if st.path: save_slim(self.dense, st.path/'dense.pt')   # kept for `strict`, and to go back to
+        if st.path and is_main(): save_slim(self.dense, st.path/'dense.pt')   # kept for `strict`, and to go back to
 
     def record(self, stage, model=None):
         "Accuracy and deployed MACs of `model` (default: the learner's) after `stage`"
@@ -338,7 +342,7 @@ class SlimRun:
     def fit(self, label, n, cbs, lr=None):
         "`n` epochs of one-cycle training at `lr` (default `cfg.lr`) with `cbs`, announced by `label`; one line per epoch outside a terminal or notebook"
         if not n: return
-        print(f"fastslim: {label} ({n} epoch{'s' if n > 1 else ''})")
+        if is_main(): print(f"fastslim: {label} ({n} epoch{'s' if n > 1 else ''})")
         with epoch_lines(self.learn): self.learn.fit_one_cycle(n, self.cfg.lr if lr is None else lr, cbs=cbs)
 
     def pruned(self):

@@ -23,6 +23,7 @@ from .schedule import Schedule, Constant
 from .blocks import *
 from .blocks import block_spec, end_path
 from .plan import SlimPlan, plan_of, bn_members
+from .distrib import unwrap, sync_state
 
 # %% auto #0
 __all__ = ['as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback', 'SparsityCallback',
@@ -123,6 +124,10 @@ class PenaltyCallback(Callback):
         end:float=1.,           # Fraction of training where it ends
     ): self.reg, self.schedule = check_nonneg(reg, 'reg'), as_schedule(schedule, start, end)
 
+    @property
+    def net(self):
+        "The learner's model, unwrapped from fastai's `DistributedDataParallel` during a distributed `fit`"
+        return unwrap(self.learn.model)
     def strength(self):
         "`reg` times the schedule's value at the current point of training"
         return self.reg * self.schedule(self.learn.pct_train)
@@ -150,7 +155,9 @@ class PenaltyCallback(Callback):
     def _record(self, pen): self._pen, self._n, self.n_steps = self._pen + pen, self._n + 1, self.n_steps + 1
     def _penalty(self): return float(self._pen) / self._n if self._n else 0.
     def _drop_mets(self, mets): return L(m for m in mets if not any(m is o for o in getattr(self, '_mets', [])))
-    def after_fit(self): self.learn.metrics = self._drop_mets(self.learn.metrics)
+    def after_fit(self):
+        self.learn.metrics = self._drop_mets(self.learn.metrics)
+        sync_state(self.net)   # distributed: BatchNorm statistics drift apart between ranks; every rank leaves with rank 0's
 
 def _check_budget(ratio, target_macs):
     "`ratio` and `target_macs` checked: at most one, with `PruneCallback`'s ranges"
@@ -203,14 +210,15 @@ class SparsityCallback(PenaltyCallback):
 
     def _setup(self):
         if self.target == 'bn':
-            self.bns = bn_layers(self.model, self.layers)
+            self.bns = bn_layers(self.net, self.layers)
             if not self.bns:
-                raise ValueError(f"`target`='bn' needs BatchNorm layers with a learnable scale, but {type(self.model).__name__}"
+                raise ValueError(f"`target`='bn' needs BatchNorm layers with a learnable scale, but {type(self.net).__name__}"
                                  f"{' (in `layers`)' if self.layers is not None else ''} has none; use `target`='groups'")
             self.params = [m.weight for m in self.bns.values()]
         else:
             self.groups = self._plan_groups()
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self._ex = self._example() if self.budget and self.target == 'bn' else None   # before `fit` shards the loaders
         pls = getattr(self.opt, 'param_lists', None) or [g['params'] for g in getattr(self.opt, 'param_groups', [])]
         self._group_of = {id(p): i for i, pl in enumerate(pls) for p in pl}
 
@@ -219,8 +227,8 @@ class SparsityCallback(PenaltyCallback):
         if self.budget: self._budget_setup()
 
     def _plan_groups(self):
-        plan = self.plan or plan_of(self.model) or SlimPlan(self.model, self._example())
-        if plan.model is not self.model: raise ValueError("`plan` was built on another model than the learner's")
+        plan = self.plan or plan_of(self.net) or SlimPlan(self.net, self._example())
+        if plan.model is not self.net: raise ValueError("`plan` was built on another model than the learner's")
         self.plan = plan
         groups, names = plan.groups, [g.name for g in plan.groups]
         if self.layers is not None:
@@ -228,7 +236,7 @@ class SparsityCallback(PenaltyCallback):
             bad = [o for o in want if o not in names]
             if bad: raise ValueError(f"`layers` names no channel group: {bad}; the plan's groups are {names}")
             groups = [g for g in groups if g.name in want]
-        if not groups: raise ValueError(f"`target`='groups' found no prunable channel group in {type(self.model).__name__}")
+        if not groups: raise ValueError(f"`target`='groups' found no prunable channel group in {type(self.net).__name__}")
         return groups
 
     def _example(self):
@@ -240,8 +248,8 @@ class SparsityCallback(PenaltyCallback):
         "The plan that ranks the channels as the pruning will: the model's own for 'groups', a shadow copy's for 'bn'"
         if self.target == 'groups': self._rank_plan, self._names = self.plan, None
         else:
-            shadow = deepcopy(self.model)
-            self._rank_plan = plan_of(shadow) or SlimPlan(shadow, self._example())
+            shadow = deepcopy(self.net)
+            self._rank_plan = plan_of(shadow) or SlimPlan(shadow, self._ex)
             names = {id(m): n for n, m in shadow.named_modules()}
             self._names = {g.name: [(names[id(b)], i) for b, i in bn_members(g)] for g in self._rank_plan.groups}
             self._bn_names = {id(m): n for n, m in self.bns.items()}
@@ -254,7 +262,7 @@ class SparsityCallback(PenaltyCallback):
         "Which channels the budget removes under the current ranking: `self.masks` {param id: bool mask}"
         plan = self._rank_plan
         if self.target == 'bn':
-            mods = dict(self.model.named_modules())
+            mods = dict(self.net.named_modules())
             with torch.no_grad():
                 for n, b in bn_layers(plan.model).items(): b.weight.copy_(mods[n].weight.detach())
             scores = plan.bn_scores()
@@ -457,14 +465,15 @@ class BlockSparsityCallback(PenaltyCallback):
     def strength(self): return ((self.cur_reg or 0.) if self.steered else self.reg) * self.schedule(self.learn.pct_train)
 
     def _setup(self):
-        if not residual_blocks(self.model, self.blocks):
-            raise ValueError(f"`blocks`: {type(self.model).__name__} has no residual block fastslim knows; "
+        if not residual_blocks(self.net, self.blocks):
+            raise ValueError(f"`blocks`: {type(self.net).__name__} has no residual block fastslim knows; "
                              f"describe its block type with `register_block`")
-        self.branch_scales = add_branch_scales(self.model, self.blocks)
+        self.branch_scales = add_branch_scales(self.net, self.blocks)
         self.params = [m.scale for m in self.branch_scales.values()]
         in_opt = {id(p) for p in self.opt.all_params(with_grad=False).itemgot(0)} if self.opt is not None else set()
         self._own = _ScaleOpt(p for p in self.params if id(p) not in in_opt)  # the gradients MixedPrecision does not unscale
         self._vel = torch.zeros(len(self.params), device=self.params[0].device)
+        self._x1 = example_batch(self.dls, 1) if self.budget else None   # taken before `fit` shards the loaders
 
     def _fit_setup(self):
         self.cur_reg, self._steer, self.mask, self.holding = self.reg, None, None, False
@@ -472,10 +481,10 @@ class BlockSparsityCallback(PenaltyCallback):
 
     def _block_macs(self):
         "MACs a removed block saves (its whole cost but its shortcut's), and the dense model's MACs"
-        mm = macs_by_module(self.model, example_batch(self.dls, 1))
+        mm = macs_by_module(self.net, self._x1)
         self._dense = mm.get('', 0)
         self._saves = []
-        for n, b in residual_blocks(self.model, self.blocks).items():
+        for n, b in residual_blocks(self.net, self.blocks).items():
             short = block_spec(b)[1]
             self._saves.append(mm.get(n, 0) - (mm.get(f'{n}.{short}', 0) if short and getattr(b, short, None) is not None else 0))
 
