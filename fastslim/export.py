@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/export.html.md"""
 
 # %% ../nbs/60_export.ipynb #af89595e
 from __future__ import annotations
-import copy, importlib, json, math, os, re, shutil, statistics, sys, tempfile, time, warnings
+import contextlib, copy, importlib, json, math, os, re, shutil, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
@@ -17,9 +17,9 @@ from .checks import *
 
 # %% auto #0
 __all__ = ['OPSET', 'OPSET_MIN', 'import_export_deps', 'ExportError', 'failing_op', 'ort_session', 'OnnxExport', 'export_onnx',
-           'calib_batches', 'quantize_onnx', 'onnx_accuracy', 'drop_unread', 'CompiledInt8', 'quantize_pt2e',
-           'onnx_latency', 'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model', 'build_arch',
-           'load_model_dir', 'export']
+           'calib_batches', 'quantize_onnx', 'onnx_accuracy', 'x86_quantizer', 'drop_unread', 'CompiledInt8',
+           'quantize_pt2e', 'onnx_latency', 'torch_accuracy', 'DeployReport', 'deploy_report', 'export_model',
+           'build_arch', 'load_model_dir', 'export']
 
 # %% ../nbs/60_export.ipynb #29b17ca7
 _EXPORT_EXTRA = 'pip install "fastslim[export]"'
@@ -297,6 +297,48 @@ def _import_torchao():
         raise ImportError("PT2E quantisation needs `torchao`, which is not installed: pip install torchao") from e
     return prepare_pt2e, convert_pt2e, allow_exported_model_train_eval, xiq
 
+# %% ../nbs/60_export.ipynb #5e0c4a11
+_ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+_RELUS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+
+def _is_op(n, ops): return n.op == 'call_function' and n.target in ops
+
+def _annotate_adds(gm, config, xiq):
+    "Annotate every tensor-tensor add of `gm` whose inputs are both quantised: int8 inputs, int8 output (after its ReLU when one follows)"
+    from torch.fx import Node
+    act = config.input_activation
+    for n in gm.graph.nodes:
+        if not _is_op(n, _ADDS) or xiq._is_any_annotated([n]): continue
+        ins = [a for a in n.args[:2] if isinstance(a, Node)]
+        if len(ins) != 2 or not all(xiq._is_quantized_op_pt2e(a) for a in ins): continue
+        users = list(n.users)
+        relu = users[0] if len(users) == 1 and _is_op(users[0], _RELUS) and not xiq._is_any_annotated(users) else None
+        n.meta[xiq.QUANT_ANNOTATION_KEY] = xiq._X86InductorQuantizationAnnotation(input_qspec_map={a: act for a in ins},
+            output_qspec=None if relu else act, _annotated=True, _is_output_of_quantized_pattern=relu is None)
+        if relu is not None:
+            relu.meta[xiq.QUANT_ANNOTATION_KEY] = xiq._X86InductorQuantizationAnnotation(output_qspec=act, _annotated=True,
+                                                                                        _is_output_of_quantized_pattern=True)
+    return gm
+
+def x86_quantizer(is_qat:bool=False, # fake quantisation for quantisation-aware training
+                  reduce_range:bool=True, # 7-bit activations (see `quantize_pt2e`)
+                  fuse_add:bool=False, # inductor's recipe: a residual add fused into the conv before it (fp32 conv output)
+                 ):
+    "torchao's `X86InductorQuantizer` with its default config; unless `fuse_add`, residual adds are int8 ops of their own, as ONNX Runtime fuses them"
+    xiq = _import_torchao()[3]
+    config = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce_range)
+    if fuse_add: return xiq.X86InductorQuantizer().set_global(config)
+    class _OnnxX86Quantizer(xiq.X86InductorQuantizer):
+        def _annotate_qat_conv2d_bn_binary_unary(self, *args, **kwargs): pass
+        def _annotate_qat_conv2d_bn_binary(self, *args, **kwargs): pass
+        def _annotate_conv2d_binary_unary(self, *args, **kwargs): pass
+        def _annotate_conv2d_binary(self, *args, **kwargs): pass
+        def annotate(self, model):
+            super().annotate(model)
+            return _annotate_adds(model, self.global_config, xiq) if self.global_config is not None else model
+    return _OnnxX86Quantizer().set_global(config)
+
+
 # %% ../nbs/60_export.ipynb #d8c83b9e
 def drop_unread(gm):
     "Delete the parameters and buffers the graph of `gm` never reads (the fp32 weights PT2E replaced by int8 ones)"
@@ -323,6 +365,7 @@ def quantize_pt2e(model_or_learner, # an nn.Module, or a Learner (its model; its
                   n_batches:int=8, # how many batches of `calib` to calibrate on
                   compile:bool=False, # wrap in `CompiledInt8` (torch.compile with freezing: oneDNN int8 kernels)
                   reduce_range:bool=True, # 7-bit activations: int8 kernels of x86 CPUs without VNNI (AVX2) cannot saturate (see `fastslim.quantize`)
+                  fuse_add:bool=None, # residual adds fused into the conv before them (inductor's recipe); default: with `compile`
                  )->nn.Module:
     "Static int8 PT2E quantisation of an eval copy of the model with torchao's X86 quantiser"
     prepare_pt2e, convert_pt2e, allow_train_eval, xiq = _import_torchao()
@@ -333,8 +376,8 @@ def quantize_pt2e(model_or_learner, # an nn.Module, or a Learner (its model; its
     _check_batches(batches, [(f'input {i}', [None, *o.shape[1:]]) for i, o in enumerate(xs)], 'calib')
     batch = torch.export.Dim('batch')
     gm = torch.export.export(_deploy_copy(model), xs, dynamic_shapes=tuple({0: batch} for _ in xs)).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
-    prepared = prepare_pt2e(gm, quantizer)
+    fuse_add = compile if fuse_add is None else check_bool(fuse_add, 'fuse_add')
+    prepared = prepare_pt2e(gm, x86_quantizer(reduce_range=reduce_range, fuse_add=fuse_add))
     with torch.no_grad():
         for b in batches: prepared(*(torch.from_numpy(a) for a in b))
     q = drop_unread(convert_pt2e(prepared))
@@ -397,23 +440,60 @@ def deploy_report(models:dict, # {name: nn.Module, or path of an .onnx file}; th
                   bs:tuple=(1, 32), # batch sizes to time
                   n:int=20, # timed runs per latency (the median is reported)
                   threads:int=1, # CPU threads for every model
+                  rounds:int=5, # the timed runs are spread over this many interleaved rounds of every model
                  )->DeployReport:
     "Measure file size, median CPU latency at each batch size in `bs` and accuracy of each of `models`"
     if not models: raise ValueError("`models` must name at least one model")
+    check_count(n, 'n'); check_count(rounds, 'rounds')
     if _loaders(dl): dl = dl.valid
     x = _rows_of(dl, max(bs))
-    rows = []
+    rows, runs = [], {}
     for name, m in models.items():
         if isinstance(m, nn.Module):
-            r = dict(size=state_size(m), acc=torch_accuracy(m, dl),
-                     **{f'lat_bs{s}': cpu_latency(m, tuple(o[:s] for o in x), n=n, threads=threads) for s in bs})
+            rows.append(dict(name=name, size=state_size(m), acc=torch_accuracy(m, dl)))
+            runs[name] = _torch_runner(m)
         elif isinstance(m, (str, os.PathLike)) and str(os.fspath(m)).endswith('.onnx'):
-            sess = ort_session(m, threads=threads)
-            r = dict(size=os.path.getsize(m), acc=onnx_accuracy(m, dl),
-                     **{f'lat_bs{s}': onnx_latency(sess, tuple(o[:s] for o in x), n=n) for s in bs})
+            rows.append(dict(name=name, size=os.path.getsize(m), acc=onnx_accuracy(m, dl)))
+            runs[name] = _onnx_runner(ort_session(m, threads=threads))
         else: raise TypeError(f"`models[{name!r}]` must be an nn.Module or an .onnx path, got {type(m).__name__}")
-        rows.append(dict(name=name, **r))
+    calls = {(name, s): run(tuple(o[:s] for o in x)) for name, run in runs.items() for s in bs}
+    times = {k: [] for k in calls}
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with contextlib.ExitStack() as stack:
+            for m in models.values():
+                if isinstance(m, nn.Module): stack.enter_context(eval_mode(m))
+            stack.enter_context(torch.inference_mode())
+            for r in range(rounds):
+                k = n // rounds + (r < n % rounds)
+                for key, call in calls.items(): times[key] += _timed(call, k, warmup=3 if r == 0 else 1)
+    finally: torch.set_num_threads(old)
+    for row in rows: row.update({f'lat_bs{s}': statistics.median(times[row['name'], s]) for s in bs})
     return DeployReport(rows, tuple(bs))
+
+def _torch_runner(m):
+    "For inputs `xs`: a call running PyTorch model `m` (on the CPU) on them"
+    m = m.cpu()
+    def on(xs):
+        xs = tuple(o.cpu() for o in xs)
+        return lambda: m(*xs)
+    return on
+
+def _onnx_runner(sess):
+    "For inputs `xs`: a call running onnxruntime session `sess` on them (the feed built once)"
+    def on(xs):
+        feed = _feed(sess, xs)
+        return lambda: sess.run(None, feed)
+    return on
+
+def _timed(call, n, warmup=1):
+    "Seconds of each of `n` calls of `call()`, after `warmup` untimed ones"
+    for _ in range(warmup): call()
+    res = []
+    for _ in range(n):
+        t0 = time.perf_counter(); call(); res.append(time.perf_counter() - t0)
+    return res
 
 # %% ../nbs/60_export.ipynb #89c6561c
 def export_model(model:nn.Module, # the (slim) model to deploy
@@ -520,22 +600,41 @@ def load_model_dir(folder, # holds `slim.pt` (from `save_slim`) and `meta.json` 
 def export(
     model:str, # folder holding the slim model: slim.pt (from save_slim) and meta.json (its architecture)
     format:str='onnx', # 'onnx' (fp32) or 'onnx-int8' (static int8, calibrated on `data`)
-    data:str='digits', # calibration and validation data: 'digits', a .npz with x/y, an image folder or a fastai URLs name
+    data:str=None, # calibration and validation data: 'digits', a .npz with x/y, an image folder or a fastai URLs name; default: the run's (run.json), else 'digits'
     opset:int=OPSET, # ONNX opset
     n_calib:int=8, # training batches that calibrate int8
     bs:int=64, # batch size for calibration and evaluation
     allow:str=None, # comma-separated 'module:function' architectures you trust (their code runs), besides timm and torchvision models
 ):
-    "Export a slim model to ONNX (fp32, or int8) next to it and print each file's validation accuracy"
+    "Export a slim model to ONNX (fp32, or int8) next to it and print each file's validation accuracy; a quantised run's int8 model too"
     from fastslim.data import get_dls
     check_choice(format, {'onnx', 'onnx-int8'}, 'format')
     import_export_deps()
     net = load_model_dir(model, allow=[a.strip() for a in (allow or '').split(',') if a.strip()])
+    run, int8 = _run_of(Path(model)), Path(model)/'int8.pt2'
+    if run.get('quantize') and not int8.is_file():
+        raise ValueError(f"`model` folder {model!r} is an int8 run (quantize={run['quantize']!r}) without int8.pt2, the int8 model "
+                         "`fastslim export` writes int8.onnx from: run `fastslim slim` with this fastslim again")
+    if int8.is_file(): from fastslim.quantize import load_int8, write_int8   # a missing torchao is reported before any export
     shape = getattr(net, 'slim_example_shape', None)
     shape = shape[0] if shape else None
-    dls = get_dls(data, size=shape[-1] if shape and len(shape) == 4 else None,
-                  channels=shape[1] if shape and len(shape) == 4 else 1, bs=bs)
+    dls = get_dls(data if data is not None else run.get('data', 'digits'), size=shape[-1] if shape and len(shape) == 4 else None,
+                  channels=shape[1] if shape and len(shape) == 4 else 1, bs=bs, seed=run.get('seed', 0))
     res = export_model(net, dls, model, format=format, opset=opset, n_calib=n_calib)
     for k, p in res['paths'].items():
         print(f"{k:10} {p}  {os.path.getsize(p)/1024:.1f} KiB  accuracy {res['accuracy'][k]:.4f}")
+    if int8.is_file():
+        r = write_int8(load_int8(int8), model, dls)
+        print(f"{'int8':10} {r['path']}  {os.path.getsize(r['path'])/1024:.1f} KiB  accuracy {onnx_accuracy(r['path'], dls.valid):.4f}; "
+              f"onnxruntime predicts as PyTorch's int8 model on {r['agreement']:.1%} of {r['n']} validation samples "
+              f"(largest logit difference {r['max_logit_diff']:.3g})")
     return 0
+
+def _run_of(folder:Path)->dict:
+    "The run.json of a `fastslim slim` folder, or {} when it has none"
+    f = folder/'run.json'
+    if not f.is_file(): return {}
+    try: run = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(run, dict): raise ValueError(f"{f} must hold a JSON object, got {type(run).__name__}")
+    return run

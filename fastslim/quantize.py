@@ -15,10 +15,12 @@ from fastai.callback.core import TrainEvalCallback
 from fastai.callback.fp16 import MixedPrecision
 from .checks import check_fraction, check_bool
 from .core import example_batch, split_batch
-from .export import drop_unread
+import os
+from pathlib import Path
+from .export import drop_unread, x86_quantizer
 
 # %% auto #0
-__all__ = ['QuantizeError', 'with_device_marker', 'QuantizeCallback', 'export_int8_onnx']
+__all__ = ['QuantizeError', 'with_device_marker', 'QuantizeCallback', 'export_int8_onnx', 'save_int8', 'load_int8', 'write_int8']
 
 # %% ../nbs/61_quantize.ipynb #d0fcb0f5
 class QuantizeError(ValueError):
@@ -98,10 +100,12 @@ class QuantizeCallback(Callback):
         freeze_observers:float=0.75, # fraction of the fit after which the quantisers' scales and zero points stop moving
         convert:bool=True,          # replace `learn.model` by the converted int8 model after `fit`
         reduce_range:bool=True,     # 7-bit activations, so int8 kernels of x86 CPUs without VNNI (AVX2) never saturate
+        fuse_add:bool=False,        # inductor's recipe (residual add fused into the conv before it); default: adds int8 of their own, as ONNX Runtime fuses them
     ):
         self.freeze_bn = check_fraction(freeze_bn, 'freeze_bn', high_open=False)
         self.freeze_observers = check_fraction(freeze_observers, 'freeze_observers', high_open=False)
         self.convert, self.reduce_range = check_bool(convert, 'convert'), check_bool(reduce_range, 'reduce_range')
+        self.fuse_add = check_bool(fuse_add, 'fuse_add')
         self.float_model = self.prepared = self.quantized = None
         _import_qat()   # a missing torchao is reported when the callback is built, not mid-fit
 
@@ -109,11 +113,10 @@ class QuantizeCallback(Callback):
         if any(isinstance(cb, MixedPrecision) for cb in self.learn.cbs):
             raise ValueError("QuantizeCallback trains in fp32 with fake int8: remove MixedPrecision (`learn.to_fp32()`)")
         if self.learn.model is self.prepared: return          # a further fit of the same QAT run
-        prepare_qat_pt2e, _, allow_train_eval, _, xiq = _import_qat()
+        prepare_qat_pt2e, _, allow_train_eval, _, _ = _import_qat()
         model, xs = self.learn.model, example_batch(self.learn.dls, n=2)
         gm = _capture(model.train(), tuple(o.to(next(model.parameters()).device) for o in xs))
-        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=self.reduce_range))
-        prepared = prepare_qat_pt2e(gm, quantizer)
+        prepared = prepare_qat_pt2e(gm, x86_quantizer(is_qat=True, reduce_range=self.reduce_range, fuse_add=self.fuse_add))
         bad = _unquantized(prepared)
         if bad: raise QuantizeError(f"the X86 quantiser leaves these layers in fp32, so the model would not be int8: {bad}", bad[0])
         allow_train_eval(prepared)
@@ -165,3 +168,50 @@ def export_int8_onnx(model:nn.Module, # an int8 graph (`QuantizeCallback`'s resu
         raise ExportError(f"onnxruntime's int8 predictions agree with PyTorch's on {res['agreement']:.1%} of {total} samples, "
                           f"below `min_agreement`={min_agreement:g} (largest logit difference {diff:.3g})")
     return res
+
+# %% ../nbs/61_quantize.ipynb #b2c4e6f8
+def save_int8(model:nn.Module, # an int8 graph (`QuantizeCallback`'s result, or `fastslim.export.quantize_pt2e`'s)
+              path, # the file to write (`int8.pt2` in a run folder)
+              example, # an input batch (tensor or tuple of tensors) the graph runs on
+             )->Path:
+    "Save int8 `model` as a `torch.export` program with a dynamic batch, whole or not at all"
+    path = Path(path)
+    if path.is_dir(): raise ValueError(f"`path` {str(path)!r} is a folder")
+    xs = tuple(torch.as_tensor(o).as_subclass(torch.Tensor).detach().cpu() for o in (example if isinstance(example, (tuple, list)) else (example,)))
+    xs = tuple(o if len(o) > 1 else o.expand(2, *o.shape[1:]).contiguous() for o in xs)   # a batch of 1 would be specialised
+    model = model.cpu(); model.eval()   # an exported graph's eval() returns None
+    ep = _export_program(model, xs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    try:
+        torch.export.save(ep, tmp); os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
+def _export_program(model, xs):
+    batch = torch.export.Dim('batch')
+    return torch.export.export(model, xs, dynamic_shapes=tuple({0: batch} for _ in xs))
+
+def load_int8(path)->nn.Module:
+    "The int8 model `save_int8` wrote to `path`, in eval mode"
+    path = Path(path)
+    if not path.is_file(): raise ValueError(f"`path` {str(path)!r} is not a file written by `save_int8`")
+    _, _, allow_train_eval, _, _ = _import_qat()
+    try: gm = torch.export.load(os.fspath(path)).module()
+    except Exception as e: raise ValueError(f"{str(path)!r} is not a torch.export program: {type(e).__name__}: {e}") from None
+    allow_train_eval(gm); gm.eval()
+    return with_device_marker(gm)
+
+def write_int8(model:nn.Module, # an int8 graph
+               folder, # where `int8.onnx` and `int8.json` are written
+               dls, # DataLoaders (or a validation DataLoader) to compare onnxruntime with PyTorch on
+              )->dict:
+    "Write `folder/int8.onnx` and `folder/int8.json` (how far onnxruntime's int8 predictions agree with PyTorch's); return the agreement"
+    import json
+    folder = Path(folder)
+    res = export_int8_onnx(model, folder/'int8.onnx', dls)
+    tmp = folder/'.int8.json.tmp'
+    tmp.write_text(json.dumps({k: v for k, v in res.items() if k != 'path'}, indent=1)); os.replace(tmp, folder/'int8.json')
+    return res
+

@@ -149,6 +149,24 @@ def test_deploy_report(learn, exported, tmp_path):
     assert 'ms bs32' in text and len(text.splitlines()) == 5
     with pytest.raises(TypeError, match='`models'): deploy_report({'x': 'model.pt'}, learn.dls, n=1)
 
+def test_deploy_report_interleaves_the_timed_runs(learn):
+    "Every candidate runs in each round, so load that comes and goes slows all rows alike; each latency is the median of its `n` runs"
+    calls = []
+    class Logged(nn.Module):
+        def __init__(self, tag, m): super().__init__(); self.tag, self.m = tag, m
+        def forward(self, x):
+            if not torch.is_grad_enabled(): calls.append((self.tag, len(x)))
+            return self.m(x)
+    import copy
+    models = {t: Logged(t, copy.deepcopy(learn.model)) for t in 'ab'}
+    rep = deploy_report(models, learn.dls, bs=(1, 4), n=6, rounds=3)
+    timed = [c for c in calls if c[1] in (1, 4)]
+    first_b = timed.index(('b', 1))
+    assert ('a', 1) in timed[first_b:], "model a runs again after b started: the rounds interleave"
+    assert all(rep[t][f'lat_bs{s}'] > 0 for t in 'ab' for s in (1, 4))
+    with pytest.raises(ValueError, match='`rounds`'): deploy_report(models, learn.dls, n=3, rounds=0)
+    with pytest.raises(ValueError, match='`n`'): deploy_report(models, learn.dls, n=0)
+
 def test_export_model_writes_next_to_model(learn, tmp_path):
     with pytest.raises(ValueError, match='`format`'): export_model(learn.model, learn.dls, tmp_path, format='tflite')
     assert os.listdir(tmp_path) == []

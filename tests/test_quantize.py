@@ -133,3 +133,58 @@ def test_qat_runs_on_fastai_image_batches(tmp_path):
     x = dls.valid.one_batch()[0]
     with torch.no_grad(): assert learn.model(x).shape == (len(x), dls.c)
     assert 0 <= valid_acc(learn) <= 1
+
+def _optimized_ops(path, tmp_path):
+    "Op counts of the graph onnxruntime runs for `path` (its optimized model, dumped by the session)"
+    import collections, onnx, onnxruntime as ort
+    so = ort.SessionOptions(); so.optimized_model_filepath = str(tmp_path/'optimized.onnx'); so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
+    return collections.Counter(n.op_type for n in onnx.load(tmp_path/'optimized.onnx').graph.node)
+
+@pytest.fixture(scope='module')
+def resnet():
+    "A small CIFAR ResNet (one basic block a stage, 8 wide) trained briefly on 8x8 digits"
+    from fastslim.models import CifarResNet
+    set_seed(0)
+    net = CifarResNet(8, in_channels=1, stem_width=8, stage_widths=[8, 8, 16])
+    return quiet_fit(Learner(digits_dls(bs=64), net, metrics=accuracy), 2, 1e-2).model
+
+@pytest.mark.parametrize('fuse_add', [False, True])
+def test_residual_adds_run_as_int8_in_onnxruntime(resnet, tmp_path, fuse_add):
+    "Inductor's recipe (fuse_add) leaves the conv before each residual add in fp32, which ONNX Runtime runs from dequantised weights; the default quantises it, so every conv is QLinearConv and every add QLinearAdd"
+    pytest.importorskip('onnxruntime')
+    from fastslim.quantize import export_int8_onnx
+    learn = fresh(resnet)
+    quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback(fuse_add=fuse_add))
+    res = export_int8_onnx(learn.model, tmp_path/'int8.onnx', learn.dls)
+    assert res['agreement'] >= 0.9, res
+    ops, n_conv = _optimized_ops(tmp_path/'int8.onnx', tmp_path), sum(isinstance(m, nn.Conv2d) for m in resnet.modules())
+    n_add = 3   # one residual block a stage
+    if fuse_add: assert ops['QLinearConv'] < n_conv and ops['QLinearAdd'] == 0, ops
+    else: assert ops['QLinearConv'] == n_conv and ops['QLinearAdd'] == n_add and ops['FusedConv'] + ops['Conv'] == 0, ops
+
+def test_ptq_residual_adds_run_as_int8_in_onnxruntime(resnet, tmp_path):
+    pytest.importorskip('onnxruntime')
+    from fastslim.export import quantize_pt2e
+    from fastslim.quantize import export_int8_onnx
+    dls = digits_dls(bs=64)
+    q = quantize_pt2e(resnet, dls.train, example=dls.one_batch()[0], n_batches=4)
+    export_int8_onnx(q, tmp_path/'int8.onnx', dls)
+    ops = _optimized_ops(tmp_path/'int8.onnx', tmp_path)
+    assert ops['QLinearConv'] == sum(isinstance(m, nn.Conv2d) for m in resnet.modules()) and ops['QLinearAdd'] == 3, ops
+
+def test_int8_model_saves_and_loads(trained, tmp_path):
+    from fastslim.quantize import save_int8, load_int8
+    learn = fresh(trained[0])
+    quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback())
+    x = learn.dls.valid.one_batch()[0].cpu()
+    p = save_int8(learn.model, tmp_path/'int8.pt2', x[:1])          # a batch of 1: the saved batch stays dynamic
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['int8.pt2']  # no temporary file left
+    again = load_int8(p)
+    with torch.no_grad(): torch.testing.assert_close(again(x), learn.model(x))
+    assert again(x[:3]).shape == (3, 10)
+    with pytest.raises(ValueError, match='`path`'): load_int8(tmp_path/'missing.pt2')
+    (tmp_path/'junk.pt2').write_bytes(b'junk')
+    with pytest.raises(ValueError, match='torch.export'): load_int8(tmp_path/'junk.pt2')
+    with pytest.raises(ValueError, match='`path`'): save_int8(learn.model, tmp_path, x)
+    with pytest.raises(ValueError, match='fuse_add'): QuantizeCallback(fuse_add='yes')
