@@ -80,7 +80,7 @@ def _dense_learner(data:str, arch:str, size, bs:int, seed:int):
     return Learner(dls, build_model(arch, dls.c, ch), metrics=accuracy)
 
 def _write_out(out:Path, learn, slim_run, report, run:dict):
-    "Write the slim model (and the int8 one as `int8.onnx`), `meta.json`, the report and its figures, and `run.json` into `out`"
+    "Write the slim model (and the int8 one as `int8.pt2` and `int8.onnx`), `meta.json`, the report and its figures, and `run.json` into `out`"
     from fastslim.plan import save_slim
     out.mkdir(parents=True, exist_ok=True)
     save_slim(slim_run.fp32 if run.get('quantize') else learn.model, out/'slim.pt')   # the compacted fp32 network
@@ -92,10 +92,10 @@ def _write_out(out:Path, learn, slim_run, report, run:dict):
     print(f"fastslim: wrote {', '.join(sorted(os.listdir(out)))} to {out}")
 
 def _write_int8(out:Path, learn):
-    "The int8 model as `int8.onnx`, with how far onnxruntime's int8 predictions agree with PyTorch's (`int8.json`)"
-    from fastslim.quantize import export_int8_onnx
-    res = export_int8_onnx(learn.model, out/'int8.onnx', learn.dls)
-    _write_json(out/'int8.json', {k: v for k, v in res.items() if k != 'path'})
+    "The int8 model as `int8.pt2` (its `torch.export` program, which `fastslim export` reads) and `int8.onnx`, with how far onnxruntime's int8 predictions agree with PyTorch's (`int8.json`)"
+    from fastslim.quantize import save_int8, write_int8
+    save_int8(learn.model, out/'int8.pt2', example_batch(learn.dls)[0])
+    res = write_int8(learn.model, out, learn.dls)
     print(f"fastslim: int8.onnx predicts as PyTorch's int8 model on {res['agreement']:.1%} of {res['n']} validation samples "
           f"(largest logit difference {res['max_logit_diff']:.3g})")
 

@@ -111,16 +111,55 @@ def test_console_script_installed():
     res = subprocess.run([exe, '--help'], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and 'slim' in res.stdout and 'export' in res.stdout
 
-def test_slim_quantize_writes_an_int8_onnx_that_agrees(tmp_path, capsys):
+@pytest.fixture(scope='module')
+def int8_run(tmp_path_factory):
+    "One tiny `fastslim slim --quantize ptq` run shared by the tests of its int8 files"
     pytest.importorskip('onnxruntime'); pytest.importorskip('torchao')
-    out = tmp_path/'q'
-    rc = main(['slim', '--method', 'l1', '--quantize', 'ptq', '--dense-epochs', '2', '--prune-epochs', '0', '--finetune-epochs', '1', '--out', str(out)])
-    assert rc == 0
+    import contextlib, io
+    out, text = tmp_path_factory.mktemp('int8')/'q', io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = main(['slim', '--method', 'l1', '--quantize', 'ptq', '--dense-epochs', '2', '--prune-epochs', '0', '--finetune-epochs', '1', '--out', str(out)])
+    return rc, out, text.getvalue()
+
+def test_slim_quantize_writes_an_int8_onnx_that_agrees(int8_run):
+    rc, out, text = int8_run
+    assert rc == 0 and 'int8.onnx predicts as PyTorch' in text
     stats = json.loads((out/'int8.json').read_text())
     assert stats['agreement'] >= 0.9 and stats['n'] > 0
-    assert 'int8.onnx predicts as PyTorch' in capsys.readouterr().out
+    assert (out/'int8.pt2').stat().st_size > 0 and not [p for p in out.iterdir() if p.name.endswith('.tmp')]
     net = load_model_dir(out).eval()   # slim.pt is the compacted fp32 network
     assert sum(p.numel() for p in net.parameters()) < 24058 and json.loads((out/'run.json').read_text())['quantize'] == 'ptq'
+
+def test_export_on_an_int8_run_rewrites_its_int8_onnx(int8_run, tmp_path, capsys):
+    "`fastslim export` on a quantised run folder writes int8.onnx from int8.pt2 and states how far onnxruntime agrees with PyTorch's int8 model"
+    import onnxruntime as ort, numpy as np
+    from fastslim.quantize import load_int8
+    _, src, _ = int8_run
+    out = tmp_path/'q'; shutil.copytree(src, out)
+    (out/'int8.onnx').unlink(); (out/'int8.json').unlink()
+    capsys.readouterr()
+    assert main(['export', str(out)]) == 0
+    text = capsys.readouterr().out
+    assert 'int8.onnx' in text and "predicts as PyTorch's int8 model on" in text and 'largest logit difference' in text, text
+    stats = json.loads((out/'int8.json').read_text())
+    assert stats['agreement'] >= 0.9 and stats['n'] > 0 and f"{stats['agreement']:.1%}" in text
+    assert (out/'model.onnx').is_file()                            # the fp32 file as before
+    q, x = load_int8(out/'int8.pt2'), torch.rand(5, 1, 8, 8)
+    sess = ort.InferenceSession(str(out/'int8.onnx'), providers=['CPUExecutionProvider'])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad(): ref = q(x).numpy()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.6 and np.abs(got - ref).max() < 2
+
+def test_export_on_an_int8_run_without_its_program_is_refused(int8_run, tmp_path, capsys):
+    _, src, _ = int8_run
+    out = tmp_path/'q'; shutil.copytree(src, out)
+    (out/'int8.pt2').unlink()
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main(['export', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'int8.pt2' in err and '`model`' in err, err
+    assert sorted(p.name for p in out.iterdir()) == before           # nothing written
 
 def test_slim_quantize_bad_value_names_the_option(tmp_path, capsys):
     assert main(['slim', '--quantize', 'int4', '--out', str(tmp_path/'x')]) == 2
