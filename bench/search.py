@@ -75,13 +75,14 @@ def emit(rows, r):
     rows.append(r); print('# row ' + json.dumps(r), flush=True)
 
 def run(a, dls, x):
-    "Dense nets first, then the fine-tuned rows target by target (the first target first), then Scratch-B: partial output stays useful"
+    "Dense nets first, then target by target (the first first): the fine-tuned rows, then their Scratch-B; a cut-short run keeps what it printed"
     rows, dense, small = [], {}, {}
     for net in a.nets:
         for seed in a.seeds:
             dense[net, seed] = dense_net(net, seed, a, dls)
             emit(rows, dict(net=net, seed=seed, target=1., row='dense', final=accuracy_of(learner(dls, dense[net, seed], a.opt)), macs_vs_target=1.))
     for t in a.targets:
+        small = {}
         for net in a.nets:
             for seed in a.seeds:
                 d = dense[net, seed]; dm = count_macs(d, x)
@@ -89,13 +90,13 @@ def run(a, dls, x):
                     r = dict(net=net, seed=seed, target=t, row=name, macs_vs_target=count_macs(m, x) / dm / t, **extra)
                     set_seed(seed)
                     r['pruned'], r['final'], r['finetune_cpu_s'] = finetune(m, d, dls, a)
-                    emit(rows, r); small[net, seed, t, name] = m
+                    emit(rows, r); small[net, seed, name] = (m, r)
         print(table(rows), flush=True)
-    for (net, seed, t, name), m in small.items():
-        if t not in a.scratch_targets or seed not in a.scratch_seeds: continue
-        r = next(r for r in rows if (r['net'], r['seed'], r['target'], r['row']) == (net, seed, t, name))
-        r['scratch_b'], r['scratch_epochs'], r['scratch_cpu_s'] = scratch(m, dls, a, count_macs(dense[net, seed], x), seed)
-        print(f"# scratch {net} seed {seed} {t:.4g} {name}: {r['scratch_b']:.4f} ({r['scratch_epochs']} ep, {r['scratch_cpu_s']:.0f} CPU-s)", flush=True)
+        if t not in a.scratch_targets: continue
+        for (net, seed, name), (m, r) in small.items():
+            if seed not in a.scratch_seeds: continue
+            r['scratch_b'], r['scratch_epochs'], r['scratch_cpu_s'] = scratch(m, dls, a, count_macs(dense[net, seed], x), seed)
+            print(f"# scratch {net} seed {seed} {t:.4g} {name}: {r['scratch_b']:.4f} ({r['scratch_epochs']} ep, {r['scratch_cpu_s']:.0f} CPU-s)", flush=True)
     return rows
 
 COLS = ['pruned', 'final', 'scratch_b', 'scratch_epochs', 'macs_vs_target', 'search_cpu_s', 'finetune_cpu_s', 'scratch_cpu_s']

@@ -304,6 +304,27 @@ def _open_study(optuna, path, seed, n_trials):
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, n_trials // 3)))
     return optuna.create_study(study_name='widths', storage=storage, sampler=sampler, direction='maximize', load_if_exists=True)
 
+def _compacted(plan, scores, fractions, target_macs, dims, min_keep, round_to, x1, dense_macs):
+    "(widths, compacted network, its measured MACs share) of the trial proposing `fractions`, within `target_macs`"
+    budget, dev = target_macs, model_device(plan.model)
+    for _ in range(4):   # the prediction is exact for conv/linear layers; a model it misses gets a tighter budget
+        keep = fit_widths(plan, fractions, budget, dims, min_keep, round_to)
+        select_per_group(plan, scores, _ratios(plan, keep), min_keep=min_keep, round_to=round_to)
+        small = plan.compact().to(dev)
+        macs = count_macs(small, tuple(o.to(dev) for o in x1)) / dense_macs
+        if macs <= target_macs + 1e-9: return keep, small, macs
+        budget *= target_macs / macs
+    raise RuntimeError(f"no widths met `target_macs`={target_macs} (the last kept {macs:.4f} of the dense MACs)")
+
+def _run_trials(study, objective, n_trials:int, show_progress:bool):
+    "Run the trials `study` lacks to reach `n_trials` completed ones, one at a time under a fastprogress bar"
+    from fastprogress.fastprogress import progress_bar
+    n_left = max(0, n_trials - len(_complete(study)))
+    pb = progress_bar(range(n_left), leave=False) if show_progress and n_left else range(n_left)
+    for _ in pb:
+        study.optimize(objective, n_trials=1)
+        if show_progress: pb.comment = f"best {study.best_value:.4f}"
+
 def _check_resume(study, settings, path):
     old = study.user_attrs.get('settings')
     if old is None: study.set_user_attr('settings', settings); return
@@ -357,7 +378,7 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
     scores = crit.scores(plan, learn.dls)
     global_keep = _global_keep(plan, scores, target_macs, min_keep, round_to)
     more = [(c.name, _global_keep(plan, c.scores(plan, learn.dls), target_macs, min_keep, round_to)) for c in starts]
-    dev, x1 = model_device(learn.model), tuple(o[:1] for o in plan.example)
+    dev, x1 = model_device(learn.model), tuple(o[:1] for o in plan.example)   # the copy is on the learner's device
     with torch.no_grad(), eval_mode(learn.model): teacher = [learn.model(*_to(b, dev)[0]).detach() for b in fit] if kd_steps else None
     dense_macs = count_macs(plan.model, x1)
     settings = _settings(learn, plan, dims, crit, starts=[c.name for c in starts], target_macs=target_macs, min_keep=min_keep, round_to=round_to, kd_steps=kd_steps,
@@ -365,22 +386,13 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
 
     def objective(trial):
         fr = {d: trial.suggest_float(d, LOW, 1.) for d in dims}
-        budget = target_macs
-        for _ in range(4):   # the prediction is exact for conv/linear layers; a model it misses gets a tighter budget
-            keep = fit_widths(plan, fr, budget, dims, min_keep, round_to)
-            select_per_group(plan, scores, _ratios(plan, keep), min_keep=min_keep, round_to=round_to)
-            small = plan.compact().to(dev)
-            macs = count_macs(small, tuple(o.to(dev) for o in x1)) / dense_macs
-            if macs <= target_macs + 1e-9: break
-            budget *= target_macs / macs
-        else: raise RuntimeError(f"no widths met `target_macs`={target_macs} (the last kept {macs:.4f} of the dense MACs)")
+        keep, small, macs = _compacted(plan, scores, fr, target_macs, dims, min_keep, round_to, x1, dense_macs)
         torch.manual_seed(seed + trial.number)
         r = proxy_score(small, fit, score, teacher, kd_steps, lr, T, alpha, getattr(learn, 'loss_func', None))
         for k, v in dict(keep=keep, macs=macs, **r).items(): trial.set_user_attr(k, v)
         trial.set_user_attr('global', bool(trial.user_attrs.get('global'))); trial.set_user_attr('start', trial.user_attrs.get('start'))
         return -r['loss'] if metric == 'loss' else r['accuracy']
 
-    from fastprogress.fastprogress import progress_bar
     verbosity = optuna.logging.get_verbosity(); optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = _open_study(optuna, path, seed, n_trials)
@@ -388,11 +400,7 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
         if not study.trials:
             study.enqueue_trial(_dim_fractions(dims, plan, global_keep), user_attrs={'global': True, 'start': crit.name})
             for n, k in more: study.enqueue_trial(_dim_fractions(dims, plan, k), user_attrs={'start': n})
-        n_left = max(0, n_trials - len(_complete(study)))
-        pb = progress_bar(range(n_left), leave=False) if show_progress and n_left else range(n_left)
-        for _ in pb:
-            study.optimize(objective, n_trials=1)
-            if show_progress: pb.comment = f"best {study.best_value:.4f}"
+        _run_trials(study, objective, n_trials, show_progress)
     finally: optuna.logging.set_verbosity(verbosity)
     for g in plan.groups: g.keep.fill_(True)
     res = WidthSearch(study, plan, dims, crit, scores, target_macs, min_keep, round_to, global_keep, metric, time.process_time() - t0, path)
