@@ -15,7 +15,7 @@ from fastai.callback.core import TrainEvalCallback
 from fastai.callback.fp16 import MixedPrecision
 from .checks import check_fraction, check_bool
 from .core import example_batch, split_batch
-import os
+import os, unittest.mock
 from pathlib import Path
 from .export import drop_unread, x86_quantizer
 
@@ -194,11 +194,15 @@ def _export_program(model, xs):
     return torch.export.export(model, xs, dynamic_shapes=tuple({0: batch} for _ in xs))
 
 def load_int8(path)->nn.Module:
-    "The int8 model `save_int8` wrote to `path`, in eval mode"
+    "The int8 model `save_int8` wrote to `path`, in eval mode; its tensors are read with `weights_only=True` (torch's fallback to full pickle is refused)"
     path = Path(path)
     if not path.is_file(): raise ValueError(f"`path` {str(path)!r} is not a file written by `save_int8`")
     _, _, allow_train_eval, _, _ = _import_qat()
-    try: gm = torch.export.load(os.fspath(path)).module()
+    real_load = torch.load
+    def weights_only(*args, **kwargs): return real_load(*args, **{**kwargs, 'weights_only': True})
+    try:
+        with unittest.mock.patch.object(torch, 'load', weights_only):   # no pickle fallback: a folder's file runs no code
+            gm = torch.export.load(os.fspath(path)).module()
     except Exception as e: raise ValueError(f"{str(path)!r} is not a torch.export program: {type(e).__name__}: {e}") from None
     allow_train_eval(gm); gm.eval()
     return with_device_marker(gm)
