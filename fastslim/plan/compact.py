@@ -14,13 +14,13 @@ from fastcore.basics import store_attr
 from ..core import as_inputs, count_macs, count_params
 from ..checks import check_bool, check_choice, check_positive
 from .budget import PlanError, PlanTimeout, PlanMemoryError, Budget, where
-from .tp_compat import build_graph, group_of, pruner_of, set_pruning_dim
+from .tp_compat import build_graph, group_of, pruner_of, set_pruning_dim, is_out
 from .trace import outputs, model_kept
 from .group import KEEP_BUF, WEIGHT_MASK_BUF
 
 # %% auto #0
-__all__ = ['VERIFY_MODES', 'strip_slim', 'removals', 'remove', 'replay', 'copy_model', 'compact', 'check_rtol', 'Verifier',
-           'verify', 'PlanSummary', 'summary']
+__all__ = ['VERIFY_MODES', 'strip_slim', 'removals', 'out_width', 'remove', 'replay', 'copy_model', 'compact', 'check_rtol',
+           'Verifier', 'verify', 'PlanSummary', 'summary']
 
 # %% ../../nbs/02g_plan.compact.ipynb #1f681ad6
 def strip_slim(model:nn.Module):
@@ -46,14 +46,22 @@ def removals(DG, roots):
             ops.setdefault((id(it.dep.target.module), fn), [it.dep.target, it.dep.handler, set(), name])[2].update(it.idxs)
     return list(ops.values())
 
+def out_width(m:nn.Module):
+    "Output channels of a conv, linear or normalisation layer (None for other modules)"
+    for a in ('out_channels', 'out_features', 'num_features', 'num_channels'):
+        if isinstance(getattr(m, a, None), int): return getattr(m, a)
+    return None
+
 def remove(DG, roots, src:nn.Module, dst:nn.Module):
     "Remove the channels of the groups rooted at `roots` (found on `src`'s graph `DG`) from `dst`: `src` itself or a copy"
     mods = {id(m): n for n, m in src.named_modules()}
     params = {id(p): n for n, p in src.named_parameters()}
+    kept = {}
     for target, h, idxs, name in removals(DG, roots):
         t = target.module
         at = mods.get(id(t)) or params.get(id(t))
         if at is None: continue                       # torch-pruning's own operator nodes: nothing to remove
+        if id(t) in mods and is_out(h) and out_width(t): kept[at] = [c for c in range(out_width(t)) if c not in idxs]
         Budget.now(f"removing channels of `{name}` from `{at}`")
         try:
             set_pruning_dim(h, target.pruning_dim)
@@ -67,6 +75,7 @@ def remove(DG, roots, src:nn.Module, dst:nn.Module):
         except Exception as e:
             Budget.check()
             raise PlanError(f"removing channels of `{name}` failed at `{at}`: {type(e).__name__}: {e} (at {where(e)})", group=name) from e
+    dst.slim_kept = kept   # {layer: the dense layer's output channels it keeps}: which teacher channel each student channel is
     return dst
 
 def replay(model, example, history, ignored_names=(),
