@@ -21,7 +21,7 @@ from .distrib import unwrap, sync_state, mean_ranks, distributed
 
 # %% auto #0
 __all__ = ['feature_losses', 'default_feature_weights', 'kd_loss', 'dkd_loss', 'attention_map', 'at_loss', 'similarity_matrix',
-           'sp_loss', 'hint_adapter', 'fitnet_loss', 'DistillCallback']
+           'sp_loss', 'hint_adapter', 'fitnet_loss', 'match_loss', 'DistillCallback']
 
 # %% ../nbs/50_distill.ipynb #5686d013
 def _flat_logits(x):
@@ -99,15 +99,24 @@ def fitnet_loss(student, teacher):
     "FitNet hint loss: mean squared error (`student` already mapped to the teacher's width)"
     return F.mse_loss(student.float(), teacher.float())
 
+# %% ../nbs/50_distill.ipynb #7a0d19c2
+def match_loss(student, # Student features (N, C_s, ...)
+               teacher, # The teacher's features at the student's channels (N, C_s, ...): `teacher[:, slim_kept[layer]]`
+              ):
+    "Channel-matched hint: mean squared difference between the student's features and the teacher's same channels"
+    return F.mse_loss(student.float(), teacher.float())
+
 # %% ../nbs/50_distill.ipynb #dabfbab0
-feature_losses = {'at': at_loss, 'sp': sp_loss, 'fitnet': fitnet_loss}
-# Default weights: Tian et al.'s RepDistiller benchmark (CIFAR-100) for AT (β=1000), SP (γ=3000) and hints (100)
-default_feature_weights = {'at': 1000., 'sp': 3000., 'fitnet': 100.}
+feature_losses = {'at': at_loss, 'sp': sp_loss, 'fitnet': fitnet_loss, 'match': match_loss}
+# Default weights: Tian et al.'s RepDistiller benchmark (CIFAR-100) for AT (β=1000), SP (γ=3000) and hints (100);
+# 'match' compares BatchNorm outputs (unit scale), summed over the matched layers
+default_feature_weights = {'at': 1000., 'sp': 3000., 'fitnet': 100., 'match': 1.}
 
 # %% ../nbs/50_distill.ipynb #d6d40ff8
 def _check_features(features):
-    "`features` as a list of (student layer, teacher layer) name pairs"
+    "`features` as a list of (student layer, teacher layer) name pairs, or 'batchnorms' (every BatchNorm layer, resolved at `fit`)"
     if features is None: return []
+    if features == 'batchnorms': return features
     if isinstance(features, str): features = [features]
     if isinstance(features, dict): pairs = list(features.items())
     elif isinstance(features, (list, tuple)): pairs = [(o, o) for o in features]
@@ -190,16 +199,17 @@ class DistillCallback(Callback):
         self.dkd_alpha, self.dkd_beta = check_nonneg(dkd_alpha, 'dkd_alpha'), check_nonneg(dkd_beta, 'dkd_beta')
         self.at_p = check_nonneg(at_p, 'at_p')
         if self.at_p == 0: raise ValueError("`at_p` must be > 0")
-        self.adapters, self.last, self._record = None, {}, False
+        self.adapters, self.last, self._record, self._unlabelled = None, {}, False, False
         self._s_hooks = self._t_hooks = None
 
     def before_fit(self):
         "Freeze the teacher, hook the feature layers, check shapes and give FitNet adapters to the optimizer"
         self._remove_hooks()                     # left over if a previous fit died with an exception
         student = unwrap(self.learn.model)
+        self._pairs = self._resolve_pairs(student)
         teacher = self.teacher if self.teacher is not None else _frozen_copy(student)
-        s_mods = _get_modules(student, [s for s, _ in self.pairs], 'student')
-        t_mods = _get_modules(teacher, [t for _, t in self.pairs], 'teacher')
+        s_mods = _get_modules(student, [s for s, _ in self._pairs], 'student')
+        t_mods = _get_modules(teacher, [t for _, t in self._pairs], 'teacher')
         if {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}:
             raise ValueError("`teacher` shares parameters with the student; pass teacher=None for a frozen copy")
         self.teacher = teacher
@@ -211,6 +221,11 @@ class DistillCallback(Callback):
         try: self._probe()
         except Exception: self._remove_hooks(); raise
         self._add_adapters()
+
+    def _resolve_pairs(self, student):
+        "The (student, teacher) layer pairs: `features`, with 'batchnorms' meaning every BatchNorm layer of the student"
+        if self.pairs != 'batchnorms': return self.pairs
+        return [(n, n) for n, m in student.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def _store(self, m, i, o): return o if self._record else None
 
@@ -228,7 +243,8 @@ class DistillCallback(Callback):
         if self.alpha > 0 and (not isinstance(pt, torch.Tensor) or getattr(ps, 'shape', None) != pt.shape):
             raise ValueError(f"`teacher` output {getattr(pt, 'shape', type(pt).__name__)} does not match the "
                              f"student's {getattr(ps, 'shape', type(ps).__name__)}")
-        for (sn, tn), a, b in zip(self.pairs, fs, ft):
+        self._index = [self._channels(sn, tn, a, b) for (sn, tn), a, b in zip(self._pairs, fs, ft)]
+        for (sn, tn), a, b in zip(self._pairs, fs, ft):
             if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
                 raise ValueError(f"`features` layers {sn!r} and {tn!r} must output tensors")
             if 'at' in self.feature_weights and (a.ndim < 3 or a.shape[2:] != b.shape[2:]):
@@ -238,6 +254,20 @@ class DistillCallback(Callback):
                 raise ValueError(f"`feature_loss` 'fitnet' needs equal shapes but for the channels: {sn!r} gives "
                                  f"{tuple(a.shape)}, {tn!r} gives {tuple(b.shape)}")
         if 'fitnet' in self.feature_weights: self._make_adapters([(a.shape[1], b.shape[1], a.ndim) for a, b in zip(fs, ft)])
+
+    def _channels(self, sn, tn, a, b):
+        "For 'match': the teacher channels of `tn` that student layer `sn`'s channels are (None: all, same width)"
+        if 'match' not in self.feature_weights: return None
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.ndim != b.ndim or a.shape[2:] != b.shape[2:]:
+            raise ValueError(f"`feature_loss` 'match' needs equal shapes but for the channels: {sn!r} gives "
+                             f"{tuple(getattr(a, 'shape', ()))}, {tn!r} gives {tuple(getattr(b, 'shape', ()))}")
+        if a.shape[1] == b.shape[1]: return None
+        kept = getattr(unwrap(self.learn.model), 'slim_kept', {}).get(sn)
+        if kept is None or len(kept) != a.shape[1] or max(kept) >= b.shape[1]:
+            raise ValueError(f"`feature_loss` 'match' compares {sn!r} with the same channels of the teacher's {tn!r}, but the "
+                             f"student does not record which {a.shape[1]} of its {b.shape[1]} channels they are (a network "
+                             f"compacted by fastslim records them in `slim_kept`)")
+        return torch.tensor(kept, device=b.device)
 
     def _make_adapters(self, shapes):
         "Keep existing adapters whose widths still fit, create the others"
@@ -274,15 +304,21 @@ class DistillCallback(Callback):
     def before_batch(self): self._clear()
 
     def after_pred(self):
-        "Run the frozen teacher on the same inputs, in the student's autocast context"
+        "Run the frozen teacher on the same inputs, in the student's autocast context; on unlabelled batches, learn from it alone"
         with torch.no_grad(): self.t_pred = self.teacher(*self.learn.xb)
+        self._unlabelled = self.training and not len(self.learn.yb)
+        if self._unlabelled:   # fastai computes a loss and steps only with targets: the teacher's classes stand in for them
+            if self.alpha == 0 and not self.feature_weights:
+                raise ValueError("an unlabelled batch leaves nothing to learn with `alpha`=0 and no `features`: the loss comes from the teacher only")
+            self.learn.yb = (self.t_pred.argmax(1),)
 
     def _feature_terms(self):
         res = {}
         fs, ft = self._s_hooks.stored, self._t_hooks.stored
-        for i, ((sn, _), a, b) in enumerate(zip(self.pairs, fs, ft)):
+        for i, ((sn, _), a, b) in enumerate(zip(self._pairs, fs, ft)):
             for k, w in self.feature_weights.items():
                 if k == 'at': l = at_loss(a, b, self.at_p)
+                elif k == 'match': l = match_loss(a, b if self._index[i] is None else b.index_select(1, self._index[i]))
                 elif k == 'sp': l = sp_loss(a, b)
                 else: l = fitnet_loss(self.adapters[i](a.float()), b)
                 res[f'{k}:{sn}'] = (w, l)
@@ -293,11 +329,11 @@ class DistillCallback(Callback):
         if not self.training or not len(self.learn.yb): return
         with _no_autocast(self._device):
             task = self.learn.loss_grad
-            terms = {'task': (1 - self.alpha, task)}
+            terms = {'task': (0. if self._unlabelled else 1 - self.alpha, task)}   # unlabelled: the teacher's terms only
             if self.alpha > 0:
                 if self.logit_loss == 'kd': l = kd_loss(self.learn.pred, self.t_pred, self.T)
                 else: l = dkd_loss(self.learn.pred, self.t_pred, self.learn.yb[0], self.dkd_alpha, self.dkd_beta, self.T)
-                terms['logits'] = (self.alpha, l)
+                terms['logits'] = (1. if self._unlabelled else self.alpha, l)
             terms.update(self._feature_terms())
             total = sum(w*l for w, l in terms.values())
         self.learn.loss_grad = total

@@ -249,3 +249,62 @@ def test_bad_setup_fails_before_training(make, match):
     with pytest.raises(ValueError, match=match): quiet_fit(learn, 1, cbs=cb)
     assert same_state(state_of(student), s0)
     assert all(not m._forward_hooks for m in student.modules())
+
+# ---------------------------------------------------------------- channel-matched hints and unlabelled batches (issue #20)
+
+def _compacted(teacher, ratio=0.5):
+    "The teacher masked by L1 pruning (`plan.model`) and its compacted copy"
+    from copy import deepcopy
+    from fastslim.plan import SlimPlan
+    masked = deepcopy(teacher).requires_grad_(True)   # the teacher fixture is frozen once a DistillCallback used it
+    plan = SlimPlan(masked, torch.randn(2, 1, 8, 8))
+    plan.select(plan.l1_scores(), ratio=ratio, scope='local')
+    student = plan.compact()
+    plan.apply()
+    return masked, student
+
+class EvalMode(Callback):
+    "The student in eval mode during training steps (after fastai's TrainEvalCallback switched it to train)"
+    order = 1
+    def before_batch(self): self.learn.model.eval()
+
+def test_match_loss_compares_the_kept_channels(teacher):
+    "A compacted student against its masked teacher: every channel-matched hint is 0, as the channels are the same"
+    masked, student = _compacted(teacher)
+    assert student.slim_kept and all(len(v) < 16 or len(v) < 32 for v in student.slim_kept.values())
+    cb = DistillCallback(masked, features='batchnorms', feature_loss='match', alpha=0.)
+    learn = learner(student, cb)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0., cbs=EvalMode())   # lr 0, BatchNorm on running statistics as the teacher's
+    hints = {k: float(v) for k, v in cb.last.items() if k.startswith('match:')}
+    assert len(hints) == sum(isinstance(m, nn.BatchNorm2d) for m in student.modules())
+    assert max(hints.values()) < 1e-10, hints
+    # against the dense (unmasked) teacher the removed channels' contributions differ: the hints are not 0
+    cb = DistillCallback(teacher, features='batchnorms', feature_loss='match', alpha=0.)
+    with learner(student, cb).no_bar() as l, l.no_logging(): l.fit(1, 0.)
+    assert max(float(v) for k, v in cb.last.items() if k.startswith('match:')) > 1e-4
+
+def test_match_needs_the_channel_record(teacher):
+    "A narrower student that fastslim did not compact: 'match' says which layer and what is missing, before training"
+    student = cnn(8)
+    before = state_of(student)
+    learn = learner(student, DistillCallback(teacher, features=['1'], feature_loss='match'))
+    with pytest.raises(ValueError, match="'match'.*'1'.*slim_kept"): learn.fit(1, 1e-2)
+    assert same_state(state_of(student), before)
+
+def test_unlabelled_batches_learn_from_the_teacher(teacher):
+    "Batches without targets: the student trains on the teacher's terms alone (the loss is the KD loss)"
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    lab = digits_dls(bs=64)
+    xs = torch.cat([b[0] for b in lab.train])
+    unl = DataLoaders(DataLoader(list(zip(xs)), bs=64, shuffle=True, drop_last=True), lab.valid)
+    set_seed(4)
+    cb, cap = DistillCallback(teacher, T=2.), Capture(100)
+    learn = Learner(unl, cnn(8), CrossEntropyLossFlat(), metrics=accuracy, cbs=[cb, cap])
+    before = state_of(learn.model)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 1e-2)
+    assert not same_state(state_of(learn.model), before)        # without targets fastai alone would not step
+    assert float(cb.last['task']) > 0 and abs(float(cap.rows[-1]['loss']) - float(cb.last['logits'])) < 1e-5   # task weight 0
+    assert learn.validate()[1] > 0.5                           # learned from the teacher alone (chance is 0.1)
+    nothing = Learner(unl, cnn(8), CrossEntropyLossFlat(), cbs=DistillCallback(teacher, alpha=0.))
+    with pytest.raises(ValueError, match='nothing to learn'), nothing.no_bar(), nothing.no_logging(): nothing.fit(1, 1e-2)
