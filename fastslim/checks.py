@@ -10,7 +10,7 @@ import math
 
 # %% auto #0
 __all__ = ['check_fraction', 'check_ratio', 'check_open_fraction', 'check_positive', 'check_nonneg', 'check_count', 'check_bool',
-           'check_choice', 'check_window', 'check_target']
+           'check_choice', 'check_window', 'check_target', 'check_latency_target']
 
 # %% ../nbs/00a_checks.ipynb #ba005afb
 def _number(value, name, allowed):
@@ -85,3 +85,17 @@ def check_target(ratio, target_macs, scope:str|None=None, required:bool=True):
         target_macs = check_open_fraction(target_macs, 'target_macs')
         if scope == 'local': raise ValueError("`target_macs` needs `scope='global'`")
     return ratio, target_macs
+
+# %% ../nbs/00a_checks.ipynb #a7e11a70
+def check_latency_target(value, name:str='target_latency'):
+    "`('fraction', v)` for a latency budget `v` in (0, 1) of the dense model's, `('ms', v)` for a string such as `'2.5ms'`; else a `ValueError` naming `name`"
+    allowed = "a fraction in (0, 1) of the dense model's latency, or milliseconds as a string such as '2.5ms'"
+    if isinstance(value, str):
+        s = value.strip().lower()
+        try: v = float(s[:-2]) if s.endswith('ms') else float('nan')
+        except ValueError: v = float('nan')
+        if not (math.isfinite(v) and v > 0): raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+        return 'ms', v
+    v = _number(value, name, allowed)
+    if not 0 < v < 1: raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return 'fraction', v
