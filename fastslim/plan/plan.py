@@ -246,9 +246,11 @@ class SlimPlan:
                min_keep:int|float=None, # floor per group (a count or a fraction); default: the plan's `min_keep`
                verify:bool|str=None, # check the compacted model ('equal' outputs or 'runs'); groups that fail are left unpruned. Default: the plan's `verify`
                round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1 (no rounding)
+               target_latency:float|str=None, # instead: measured latency as a fraction in (0, 1) of the dense model's, or '2.5ms'
+               latency=None, # the `fastslim.latency.LatencyModel` of `target_latency`; default one built on this plan (onnxruntime CPU, batch 1, 1 thread)
               ):
         "Set the keep-masks from `scores`: the lowest-scoring channels are removed, never a group's last `min_keep`"
-        return _select.select(self, scores, ratio, target_macs, scope, min_keep, verify, round_to)
+        return _select.select(self, scores, ratio, target_macs, scope, min_keep, verify, round_to, target_latency, latency)
 
     def compact(self):
         "A new dense model with the masked channels removed; the masked model is not changed"

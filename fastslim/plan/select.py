@@ -1,4 +1,4 @@
-"""From scores to keep-masks: one global threshold, the same share per group, a share per group, or a MACs budget; never below a group's floor.
+"""From scores to keep-masks: one global threshold, the same share per group, a share per group, a MACs budget, or a measured latency budget; never below a group's floor.
 
 Docs: https://fastslim.github.io/fastslim/plan.select.html.md"""
 
@@ -6,17 +6,18 @@ Docs: https://fastslim.github.io/fastslim/plan.select.html.md"""
 
 # %% ../../nbs/02f_plan.select.ipynb #7a1c0005
 from __future__ import annotations
-import warnings
+import heapq, math, warnings
 import torch
 from torch import nn
 from ..core import macs_by_module
-from ..checks import check_choice, check_ratio, check_target
+from ..checks import check_choice, check_latency_target, check_ratio, check_target
 from .group import WEIGHT_MASK_BUF, check_min_keep, check_round_to
 from .tp_compat import is_out
 
 # %% auto #0
 __all__ = ['check_scores', 'candidates', 'chunks', 'nearest_kept', 'local_units', 'set_masks', 'select', 'select_global',
-           'select_local', 'layer_macs', 'select_macs', 'resolve_ratios', 'select_per_group', 'prune_weights']
+           'select_local', 'layer_macs', 'select_macs', 'resolve_ratios', 'select_per_group', 'select_latency',
+           'latency_rounds', 'prune_weights']
 
 # %% ../../nbs/02f_plan.select.ipynb #af9c6b35
 def check_scores(plan, scores:dict):
@@ -75,11 +76,17 @@ def select(plan,
            min_keep:int|float=None, # floor per group (a count or a fraction); default: the plan's `min_keep`
            verify:bool|str=None, # check the compacted model ('equal' outputs or 'runs'); default: the plan's `verify`
            round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1 (no rounding)
+           target_latency:float|str=None, # instead: measured latency as a fraction in (0, 1) of the dense model's, or '2.5ms'
+           latency=None, # the `fastslim.latency.LatencyModel` of `target_latency`; default one built on `plan` (onnxruntime CPU, batch 1, 1 thread)
           ):
     "Set the keep-masks of `plan` from `scores` (what `SlimPlan.select` does)"
     from fastslim.plan.compact import VERIFY_MODES
     if isinstance(ratio, dict): check_ratio(ratio, 'ratio')
-    ratio, target_macs = check_target(ratio, target_macs, scope)
+    if target_latency is not None:
+        if ratio is not None or target_macs is not None: raise ValueError("give exactly one of `ratio`, `target_macs` and `target_latency`")
+        lat_kind, lat_goal = check_latency_target(target_latency)
+        if scope != 'global': raise ValueError("`target_latency` needs `scope='global'`")
+    else: ratio, target_macs = check_target(ratio, target_macs, scope)
     if verify is not None: check_choice(verify, set(VERIFY_MODES), 'verify')
     mode = plan.verify_mode if verify is None else VERIFY_MODES[verify]
     min_keep = plan.min_keep if min_keep is None else check_min_keep(min_keep)
@@ -90,13 +97,22 @@ def select(plan,
         raise ValueError(f"`scores` is empty: nothing to prune; {why}")
     check_scores(plan, scores)
     chunks(plan, scores, min_keep, round_to)                       # all checks happen before any mask changes
-    for _ in range(len(plan.groups) + 1):                          # re-selected without the groups a check left out
+    if target_latency is not None:
+        if latency is None:
+            from fastslim.latency import LatencyModel
+            latency = LatencyModel(plan, round_to=round_to)
+        elif getattr(latency, 'plan', None) is not plan: raise ValueError("`latency` must be a LatencyModel built on this plan")
+        return latency_rounds(plan, scores, latency, lat_kind, lat_goal, min_keep, mode, round_to)
+    return _select_verified(plan, scores, mode, lambda steps, scores: (
+        select_macs(plan, steps, target_macs, round_to) if target_macs is not None else
+        select_local(plan, scores, ratio, min_keep, round_to) if scope == 'local' else
+        select_global(plan, steps, scores, ratio, round_to)), min_keep, round_to)
+
+def _select_verified(plan, scores, mode, pick, min_keep, round_to):
+    "Write the masks `pick(steps, scores)` chooses, checked by `mode`: re-selected without the groups a check leaves out"
+    for _ in range(len(plan.groups) + 1):
         scores = {k: v for k, v in scores.items() if k in {g.name for g in plan.groups}}
-        steps = chunks(plan, scores, min_keep, round_to)
-        if target_macs is not None: removed = select_macs(plan, steps, target_macs, round_to)
-        elif scope == 'local': removed = select_local(plan, scores, ratio, min_keep, round_to)
-        else: removed = select_global(plan, steps, scores, ratio, round_to)
-        set_masks(plan, removed)
+        set_masks(plan, pick(chunks(plan, scores, min_keep, round_to), scores))
         n = len(plan.groups)
         if not mode: break
         plan.verify(fix=True, mode=mode)
@@ -209,6 +225,65 @@ def select_per_group(plan,
             for u in local_units(g, scores[g.name], ratios[g.name], min_keep, round_to): keep[u::g.period] = False
         keeps[g.name] = keep
     for g in plan.groups: g.keep.copy_(keeps[g.name])
+    return plan
+
+# %% ../../nbs/02f_plan.select.ipynb #b7e21a02
+def select_latency(plan, steps, latency, goal:float, round_to:int=1, lookahead:int=64):
+    "(group index, unit) pairs: steps (`chunks`) taken group by group where they cost the least importance per predicted second saved, until `latency.predict` <= `goal`"
+    by_group = {}
+    for s, gi, us, c in steps: by_group.setdefault(gi, []).append((s * len(us), us, c))   # a group's steps, widest first
+    width = {gi: plan.groups[gi].size for gi in by_group}
+    logr = lambda gi, w: math.log(latency.group_ratio(plan.groups[gi].name, w)) if plan.groups[gi].name in latency.tables else 0.
+    pos, removed, heap = {gi: 0 for gi in by_group}, [], []
+    def push(gi):
+        "The group's best next move: its next steps up to the one with the lowest importance per log-latency saved"
+        st, w, cost, best = by_group[gi], width[gi], 0., None
+        for j in range(pos[gi], min(len(st), pos[gi] + lookahead)):
+            cost += st[j][0]; w -= st[j][2]
+            saved = logr(gi, width[gi]) - logr(gi, w)
+            if saved > 1e-12 and (best is None or cost / saved < best[0]): best = (cost / saved, j)
+        if best is not None: heapq.heappush(heap, (best[0], gi, best[1]))
+    for gi in by_group: push(gi)
+    cur = math.log(max(latency.predict({g.name: g.size for g in plan.groups}), 1e-12))
+    goal = math.log(max(goal, 1e-12))
+    while heap and cur > goal:
+        _, gi, j = heapq.heappop(heap)
+        for _, us, c in by_group[gi][pos[gi]:j + 1]:                # the move's steps, one by one: it stops where the goal is met
+            w0 = width[gi]
+            new = cur + logr(gi, w0 - c) - logr(gi, w0)
+            if new < goal and round_to > 1 and goal - new > cur - goal: cur = goal; break   # a rounded step: stopping short lands nearer
+            removed += [(gi, u) for u in us]; width[gi] -= c; pos[gi] += 1; cur = new
+            if cur <= goal: break
+        push(gi)
+    return removed
+
+def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, mode, round_to:int=1):
+    "Select to a latency budget, time the compacted model end to end, and re-select to a corrected predicted goal until the measured latency is within `latency.tol` of the budget (at most `latency.rounds` times)"
+    rounds, masks, pgoal = [], [], None
+    for r in range(latency.rounds):
+        want = goal if kind == 'fraction' else goal / 1e3 / latency.dense_s   # in ms: the budget over the dense seconds measured so far
+        if pgoal is None: pgoal = want
+        _select_verified(plan, scores, mode, lambda steps, scores: select_latency(plan, steps, latency, pgoal, round_to), min_keep, round_to)
+        measured, dense = latency.ratio_of(plan.compact().eval())
+        if kind == 'ms': want = goal / 1e3 / dense
+        rounds.append(dict(round=r, goal=want, predicted_goal=pgoal, predicted=latency.predict(), measured=measured,
+                           dense_ms=1e3 * dense, widths={g.name: g.n_keep for g in plan.groups}))
+        masks.append({g.name: g.keep.clone() for g in plan.groups})
+        if abs(measured / want - 1) <= latency.tol: break
+        prev = rounds[-2] if len(rounds) > 1 else None
+        nxt = pgoal * want / measured                                # the measured / predicted ratio, assumed to hold
+        if prev is not None and abs(measured - prev['measured']) > 1e-3:   # secant through the last two rounds
+            sec = pgoal + (want - measured) * (pgoal - prev['predicted_goal']) / (measured - prev['measured'])
+            if 0.3 * pgoal < sec < 3 * pgoal: nxt = sec
+        pgoal = min(max(nxt, 1e-3), 1.)
+    ok = [o for o in rounds if o['measured'] <= o['goal'] * (1 + latency.tol)]
+    best = max(ok, key=lambda o: o['measured']) if ok else min(rounds, key=lambda o: o['measured'] / o['goal'])
+    for g in plan.groups:                                            # the kept round's masks (a group a later check left out stays whole)
+        if g.name in masks[best['round']]: g.keep.copy_(masks[best['round']][g.name])
+    plan.latency_rounds = rounds
+    if not ok:
+        warnings.warn(f"`target_latency` missed: the closest of {len(rounds)} selections measured {best['measured']:.3f} of the dense latency "
+                      f"for a budget of {best['goal']:.3f} (tolerance {latency.tol:.0%}); every group may be at its floor, or the timings too noisy", stacklevel=4)
     return plan
 
 # %% ../../nbs/02f_plan.select.ipynb #d1aa0931
