@@ -107,9 +107,17 @@ class PruneCallback(Callback):
                  plan:SlimPlan=None, # an existing plan on the learner's model (default: built in `before_fit`)
                  verify:bool|str=None, # check the compacted model after each step ('equal', 'runs', False); default: the plan's (`defaults.verify`)
                  round_to:int=None, # every step leaves each group a multiple of this many channels, or all of them; default 1 (no rounding)
+                 target_latency:float|str=None, # instead of `ratio`: measured latency as a fraction in (0, 1) of the dense model's, or '2.5ms' (`fastslim.latency`)
+                 latency_kw:dict=None, # passed to the `LatencyModel` of `target_latency` (runtime, bs, threads, timer, cache_dir, ...)
                  **criterion_kwargs, # passed to the criterion (e.g. `n_batches` for data-driven ones)
                 ):
-        check_target(ratio, target_macs, scope)
+        if target_latency is not None:
+            if ratio is not None or target_macs is not None: raise ValueError("give exactly one of `ratio`, `target_macs` and `target_latency`")
+            check_latency_target(target_latency)
+            if granularity == 'weight': raise ValueError("`target_latency` needs `granularity='channel'`")
+            if scope not in (None, 'global'): raise ValueError("`target_latency` needs `scope='global'`")
+        else: check_target(ratio, target_macs, scope)
+        if latency_kw is not None and not isinstance(latency_kw, dict): raise ValueError(f"`latency_kw` must be a dict, got {type(latency_kw).__name__}")
         check_choice(granularity, {'channel', 'weight'}, 'granularity')
         if target_macs is not None and granularity == 'weight': raise ValueError("`target_macs` needs `granularity='channel'`")
         check_choice(verify, {None, True, False, 'equal', 'runs'}, 'verify')
@@ -123,14 +131,15 @@ class PruneCallback(Callback):
         if getattr(self.crit, 'granularity', 'channel') != granularity and not isinstance(self.crit, _FnCriterion):
             raise ValueError(f"criterion {criterion!r} scores {self.crit.granularity}s, but `granularity`={granularity!r}")
         self.soft = getattr(self.crit, 'soft', False) if soft is None else soft
-        self.scope = scope or ('global' if target_macs is not None else getattr(self.crit, 'default_scope', 'global'))
-        check_target(ratio, target_macs, self.scope)
-        store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify,round_to')
+        self.scope = scope or ('global' if target_macs is not None or target_latency is not None else getattr(self.crit, 'default_scope', 'global'))
+        if target_latency is None: check_target(ratio, target_macs, self.scope)
+        store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify,round_to,target_latency,latency_kw')
+        self.latency = None
         self.log = []
 
     def __getstate__(self):
         "Pickled (by `learn.export`) without the plan: the masks are buffers of the model, and `before_fit` finds them again"
-        return {k: v for k, v in self.__dict__.items() if k != 'plan'} | dict(plan=None)
+        return {k: v for k, v in self.__dict__.items() if k not in ('plan', 'latency')} | dict(plan=None, latency=None)
 
     def before_fit(self):
         if hasattr(self.learn, 'lr_finder'): return
@@ -158,6 +167,7 @@ class PruneCallback(Callback):
         kw = dict(min_keep=self.min_keep) if self.min_keep is not None and self.granularity == 'channel' else {}
         if self.granularity == 'channel': kw['round_to'] = getattr(self, 'round_to', None)   # callbacks pickled before `round_to`
         if self.granularity == 'weight': plan.prune_weights(self.ratio * frac, scores=scores, scope=self.scope)
+        elif getattr(self, 'target_latency', None) is not None: self._latency_step(scores, frac, kw)
         elif self.target_macs is not None: plan.select(scores, target_macs=1 - frac * (1 - self.target_macs), verify=self.verify, **kw)
         else: plan.select(scores, ratio=self.ratio * frac, scope=self.scope, verify=self.verify, **kw)
         if hasattr(self.crit, 'reconstruct'): self.crit.reconstruct(plan, dls)
@@ -166,6 +176,19 @@ class PruneCallback(Callback):
         plan.apply(self.learn.opt, filters_only=self.soft)
         self.log.append(dict(iter=getattr(self.learn, 'train_iter', None), epoch=getattr(self.learn, 'epoch', None), frac=frac,
                              kept=sum(g.n_keep for g in plan.groups), total=sum(g.size for g in plan.groups)))
+
+    def _latency_step(self, scores, frac:float, kw:dict):
+        "Select to the latency budget; a step of an iterative schedule to its share of the way there (as a fraction of the dense latency)"
+        from fastslim.latency import LatencyModel
+        if self.latency is None or self.latency.plan is not self.plan:   # measured (or read from the cache) once per plan
+            self.latency = LatencyModel(self.plan, **{'round_to': kw.get('round_to'), **(self.latency_kw or {})})
+        kind, v = check_latency_target(self.target_latency)
+        goal = self.target_latency
+        if frac < 1:
+            t = min(v if kind == 'fraction' else v / 1e3 / self.latency.dense_s, 1.)
+            goal = 1 - frac * (1 - t)
+            if goal >= 1: return   # the budget is above the dense latency so far: nothing to remove at this step
+        self.plan.select(scores, target_latency=goal, latency=self.latency, verify=self.verify, **kw)
 
     def prune_now(self, learn:Learner):
         "Prune `learn`'s model to the full target at once, outside `fit` (what a one-shot schedule does at `start`)"
