@@ -28,7 +28,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path']+'.*']),
     include_package_data=True,
     install_requires=reqs('requirements'),
-    extras_require={'dev': reqs('dev_requirements'), 'export': reqs('export_requirements'), 'dist': reqs('dist_requirements'), 'bench': reqs('bench_requirements')},
+    extras_require={'dev': reqs('dev_requirements'), 'export': reqs('export_requirements'), 'dist': reqs('dist_requirements'), 'search': reqs('search_requirements'), 'bench': reqs('bench_requirements')},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
