@@ -128,6 +128,24 @@ def goals(rows, a):
                    f"search {cs/60:.2f} CPU-min vs fine-tuning {cf/60:.2f} CPU-min (goal search <= fine-tuning: {'met' if cs <= cf else 'NOT met'})")
     return '\n'.join(res)
 
+def scratch_only(a, dls, x):
+    "Scratch-B of the searched shapes stored in `a.runs` (the best trial's widths: Scratch-B needs the architecture only)"
+    import optuna
+    from fastslim.plan.select import select_per_group
+    from fastslim.criteria import l1_scores
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for net in a.nets:
+        for seed in a.scratch_seeds:
+            for t in a.scratch_targets:
+                st = optuna.load_study(study_name='widths', storage=f"sqlite:///{Path(a.runs)/f'{net}_s{seed}_t{t:.4g}'/'search.db'}")
+                keep, m = st.best_trial.user_attrs['keep'], NETS[net](a.width)
+                plan = SlimPlan(m, example_batch(dls), min_keep=a.min_keep)
+                select_per_group(plan, l1_scores(plan), {n: 1 - k / plan[n].size for n, k in keep.items()}, min_keep=a.min_keep)
+                small = plan.compact()
+                acc, ep, s = scratch(small, dls, a, count_macs(NETS[net](a.width), x), seed)
+                print(f"# scratch {net} seed {seed} {t:.4g} search (widths of {a.runs}): {acc:.4f} ({ep} ep, {s:.0f} CPU-s, "
+                      f"MACs/target {count_macs(small, x) / count_macs(m, x) / t:.3f})", flush=True)
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
@@ -149,6 +167,7 @@ def main():
     p.add_argument('--score', type=int, default=4)
     p.add_argument('--min_keep', type=float, default=0.1)
     p.add_argument('--runs', default='/tmp/fastslim_search_bench', help='folder of the studies (resumable)')
+    p.add_argument('--scratch_only', action='store_true', help="only Scratch-B of the searched widths already stored in --runs")
     p.add_argument('--threads', type=int, default=1)
     a = p.parse_args()
     a.scratch_targets = a.targets if a.scratch_targets is None else a.scratch_targets
@@ -165,6 +184,7 @@ def main():
           f"from dense, and Scratch-B; search: {a.trials} trials, space {a.space}, criterion {a.criterion}, starts {a.starts}, {a.kd_steps} KD steps, {a.calib}+{a.score} batches; "
           f"width x{a.width}; Scratch-B at targets {a.scratch_targets}, seeds {a.scratch_seeds}")
     t0 = time.time()
+    if a.scratch_only: return scratch_only(a, dls, x)
     rows = run(a, dls, x)
     print(table(rows))
     print(goals(rows, a))
