@@ -16,22 +16,54 @@ from .plan.group import KEEP_BUF, WEIGHT_MASK_BUF
 from .plan.select import nearest_kept
 
 # %% auto #0
-__all__ = ['RUNTIMES', 'CACHE_ENV', 'TorchTimer', 'OrtTimer', 'latency_cache_dir', 'arch_digest', 'LatencyModel']
+__all__ = ['STATS', 'RUNTIMES', 'CACHE_ENV', 'TorchTimer', 'OrtTimer', 'latency_cache_dir', 'arch_digest', 'LatencyModel']
 
 # %% ../nbs/33_latency.ipynb #6c12d766
+def _runs(call, n, warmup):
+    "Seconds of each of `n` calls of `call()` after `warmup` untimed ones"
+    for _ in range(warmup): call()
+    res = []
+    for _ in range(n): t0 = time.perf_counter(); call(); res.append(time.perf_counter() - t0)
+    return res
+
+def _pair_runs(a, b, n, warmup):
+    "Seconds of `n` calls of `a()` and of `b()`, alternating run by run (both see the same load), after `warmup` of each"
+    for _ in range(warmup): a(); b()
+    ta, tb = [], []
+    for _ in range(n):
+        t0 = time.perf_counter(); a(); t1 = time.perf_counter(); b(); t2 = time.perf_counter()
+        ta.append(t1 - t0); tb.append(t2 - t1)
+    return ta, tb
+
+STATS = {'median': statistics.median, 'min': min}
+
 class TorchTimer:
-    "Median seconds of `n` PyTorch CPU forward passes of a model on `x`, with `threads` threads (`fastslim.core.cpu_latency`)"
-    def __init__(self, threads:int=1, n:int=10, warmup:int=2): self.threads, self.n, self.warmup = threads, n, warmup
+    "Seconds of a PyTorch CPU forward pass of a model on `x` with `threads` threads: the `stat` ('median' or 'min') of `n` runs"
+    def __init__(self, threads:int=1, n:int=10, warmup:int=2, stat:str='median'):
+        self.threads, self.n, self.warmup, self.stat = threads, n, warmup, check_choice(stat, set(STATS), 'stat')
     @property
-    def name(self): return 'torch'
-    def __call__(self, model:nn.Module, x): return cpu_latency(model, x, n=self.n, warmup=self.warmup, threads=self.threads)
+    def name(self): return 'torch' if self.stat == 'median' else f'torch-{self.stat}'
+    def _call(self, model, x):
+        xs, m = tuple(o.cpu() for o in as_inputs(x)), model.cpu().eval()
+        return lambda: m(*xs)
+    def __call__(self, model:nn.Module, x): return self.pair(model, None, x)[0]
+    def pair(self, a:nn.Module, b:nn.Module, x):
+        "(seconds of `a`, seconds of `b`), their runs alternating (`b` None: `a` alone)"
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                if b is None: return STATS[self.stat](_runs(self._call(a, x), self.n, self.warmup)), None
+                return tuple(STATS[self.stat](t) for t in _pair_runs(self._call(a, x), self._call(b, x), self.n, self.warmup))
+        finally: torch.set_num_threads(old)
 
 class OrtTimer:
-    "Median seconds of `n` onnxruntime CPU runs of a model on `x` with `threads` intra-op threads; each model is exported once (its session kept while the model lives)"
-    def __init__(self, threads:int=1, n:int=10, warmup:int=2, keep:int=4):
+    "Seconds of an onnxruntime CPU run of a model on `x` with `threads` intra-op threads: the `stat` ('median' or 'min') of `n` runs; each model is exported once"
+    def __init__(self, threads:int=1, n:int=10, warmup:int=2, stat:str='median', keep:int=4):
         self.threads, self.n, self.warmup, self.keep, self._sessions = threads, n, warmup, keep, {}
+        self.stat = check_choice(stat, set(STATS), 'stat')
     @property
-    def name(self): return 'onnxruntime'
+    def name(self): return 'onnxruntime' if self.stat == 'median' else f'onnxruntime-{self.stat}'
     def session(self, model:nn.Module, x):
         "The onnxruntime session of `model` (exported on first use, with TorchScript's exporter: ~0.5 s, where the dynamo exporter takes seconds)"
         from fastslim.export import ort_session, export_onnx
@@ -48,12 +80,17 @@ class OrtTimer:
             except Exception:   # what the TorchScript exporter can't trace, `export_onnx` (dynamo) may
                 export_onnx(m, p, tuple(o if len(o) > 1 else o.expand(2, *o.shape[1:]).contiguous() for o in xs))
             sess = ort_session(p, threads=self.threads)
-        if len(self._sessions) >= self.keep: self._sessions.pop(next(iter(self._sessions)))
+        if len(self._sessions) >= self.keep: self._sessions.pop(list(self._sessions)[1])   # the first (the dense model) stays
         self._sessions[id(model)] = (model, sess)
         return sess
-    def __call__(self, model:nn.Module, x):
-        from fastslim.export import onnx_latency
-        return onnx_latency(self.session(model, x), x, n=self.n, warmup=self.warmup)
+    def _call(self, model, x):
+        sess = self.session(model, x)
+        feed = {i.name: o.detach().cpu().float().numpy() for i, o in zip(sess.get_inputs(), as_inputs(x))}
+        return lambda: sess.run(None, feed)
+    def __call__(self, model:nn.Module, x): return STATS[self.stat](_runs(self._call(model, x), self.n, self.warmup))
+    def pair(self, a:nn.Module, b:nn.Module, x):
+        "(seconds of `a`, seconds of `b`), their runs alternating, so both see the same load"
+        return tuple(STATS[self.stat](t) for t in _pair_runs(self._call(a, x), self._call(b, x), self.n, self.warmup))
 
 RUNTIMES = {'onnxruntime': OrtTimer, 'torch': TorchTimer}
 
@@ -103,6 +140,7 @@ class LatencyModel:
                  round_to:int=None, # widths of the table points are multiples of this (as `select`'s `round_to`); default 1
                  tol:float=0.05, # the end-to-end check accepts a measured latency within this share of the budget
                  rounds:int=4, # selections at most, each checked end to end, before the best is kept
+                 stat:str='median', # what a timing reports of its `n` runs: 'median', or 'min' (steadier on a machine shared with other jobs)
                  timer=None, # `timer(model, x) -> seconds`; default `OrtTimer` or `TorchTimer` for `runtime`
                  cache:bool=True, # read and write the tables in the cache folder
                  cache_dir=None, # the cache folder; default `$FASTSLIM_LATENCY_CACHE` or `~/.cache/fastslim/latency`
@@ -114,7 +152,7 @@ class LatencyModel:
         if not fracs or not all(0 < f < 1 for f in fracs): raise ValueError(f"`fracs` must be keep fractions in (0, 1), got {fracs!r}")
         self.plan, self.bs, self.threads, self.fracs, self.reps, self.check_reps = plan, bs, threads, fracs, reps, check_reps
         self.round_to, self.tol, self.rounds = round_to or 1, check_positive(tol, 'tol'), rounds
-        self.timer = timer or RUNTIMES[runtime](threads=threads, n=n)
+        self.timer = timer or RUNTIMES[runtime](threads=threads, n=n, stat=stat)
         self.runtime = getattr(self.timer, 'name', None) or f"{type(self.timer).__module__}.{getattr(self.timer, '__qualname__', type(self.timer).__qualname__)}"
         ex = as_inputs(example) if example is not None else tuple(o[:1] for o in plan.example)
         self.x = tuple(o[:1].expand(bs, *o.shape[1:]).contiguous() for o in ex)
@@ -167,7 +205,11 @@ class LatencyModel:
         "(latency of `model` / the dense model's, dense seconds): `reps` (default `check_reps`) pairs of timings, dense then `model`; the median of the pairs' ratios"
         rs, ds = [], []
         for _ in range(reps or self.check_reps):
-            d = self._time(self.dense_model); rs.append(self._time(model) / d); ds.append(d)
+            if hasattr(self.timer, 'pair'):   # the built-in timers alternate the two models run by run
+                self.timings += 2
+                d, t = (float(v) for v in self.timer.pair(self.dense_model, model, self.x))
+            else: d = self._time(self.dense_model); t = self._time(model)
+            rs.append(t / d); ds.append(d)
         return statistics.median(rs), statistics.median(ds)
 
     def _build(self):

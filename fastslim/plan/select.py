@@ -187,7 +187,7 @@ def select_macs(plan, steps, target:float, round_to:int=1):
         removed += [(gi, u) for u in us]
     if cur - goal > 0.02 * plan.dense_macs:
         warnings.warn(f"`target_macs`={target} is out of reach: every group is at its floor (`min_keep`, rounded up by `round_to`={round_to}) "
-                      f"at {cur / plan.dense_macs:.3f} of the dense MACs", stacklevel=4)
+                      f"at {cur / plan.dense_macs:.3f} of the dense MACs", stacklevel=6)   # the caller of SlimPlan.select
     return removed
 
 # %% ../../nbs/02f_plan.select.ipynb #fc28b8ff
