@@ -24,10 +24,11 @@ from .schedule import PruneSchedule
 from .report import SlimReport, measure, conv_widths
 from .sparsity import bn_scales, sparsity_callback
 from .blocks import remove_dead_blocks
-from .criteria import get_criterion, magnitude_scores
+from .criteria import get_criterion, magnitude_scores, Criterion
+from .search import search_widths
 from .quantize import QuantizeCallback, with_device_marker
 from .export import quantize_pt2e
-from .distrib import is_main, barrier, sync_state
+from .distrib import is_main, barrier, sync_state, distributed
 
 # %% auto #0
 __all__ = ['METHODS', 'SlimMethod', 'ChannelMethod', 'WeightMethod', 'BlockMethod', 'register_method', 'get_method', 'SlimConfig',
@@ -80,11 +81,25 @@ class ChannelMethod(SlimMethod):
 
     def prune(self, run):
         cb, cfg = self.callback(run.cfg), run.cfg
+        if cfg.widths == 'search': return self.search(run)
         if cb.soft or cfg.schedule != 'one-shot':   # selected during training: SFP re-selects every epoch, schedules step
             return run.fit('stage 2/3: pruning during training', max(cfg.prune_epochs, 1), [cb])
         cb.prune_now(run.learn)
         run.pruned()
         run.fit('stage 2/3: training with the masks held', cfg.prune_epochs, [MaskCallback(cb.plan)])
+
+    def search(self, run):
+        "Stage 2 with searched widths: an optuna study per-group widths within `target_macs`, the criterion picking channels in each group"
+        cfg, learn = run.cfg, run.learn
+        if distributed(): raise RuntimeError("`widths`='search' runs one study in one process: search on one process, not under `distrib_ctx`")
+        kw = {'show_progress': _interactive(), **cfg.search_kw}
+        if is_main(): print(f"fastslim: stage 2/3: searching widths ({kw.get('n_trials', 30)} trials)")
+        run.search = search_widths(learn, cfg.target_macs, criterion=self.criterion, min_keep=cfg.min_keep,
+                                   round_to=cfg.prune_kw.get('round_to'), path=run.st.path, **kw)
+        plan = run.search.apply(learn)
+        run.used.update(search_trials=len(run.search.trials), search_cpu_s=round(run.search.cpu_seconds, 1))
+        run.pruned()
+        run.fit('stage 2/3: training with the searched widths held', cfg.prune_epochs, [MaskCallback(plan)])
 
     def compact(self, run):
         plan = plan_of(run.learn.model)
@@ -150,6 +165,8 @@ def get_method(name:str) -> SlimMethod:
 # %% ../nbs/70_slim.ipynb #8b8cd4ef
 _DISTILL_OPTIONS = tuple(p for p in inspect.signature(DistillCallback.__init__).parameters if p not in ('self', 'teacher'))
 _SET_BY_SLIM = ('ratio', 'target_macs', 'criterion', 'granularity', 'schedule', 'start', 'end', 'min_keep', 'verify', 'plan')
+_SEARCH_OPTIONS = tuple(p for p in inspect.signature(search_widths).parameters
+                        if p not in ('learn', 'target_macs', 'criterion', 'min_keep', 'round_to', 'path'))
 _NOT_TRAINED = ('tolerance', 'strict', 'measure_speed')   # change what is reported or whether to stop, not the weights
 
 def _check_min_keep(v):
@@ -176,6 +193,8 @@ class SlimConfig:
     measure_speed:bool=True # measure CPU latency for the report
     quantize:str|None=None # stage 4, to int8: 'qat' (quantisation-aware training with the dense teacher), 'ptq' (calibration only) or None
     qat_epochs:int=2 # epochs of quantisation-aware training (with `quantize='qat'`), at a tenth of `lr`
+    widths:str='global' # how stage 2 sizes each group: 'global' (the criterion's one threshold) or 'search' (`search_widths`; needs `target_macs`)
+    search_kw:dict=field(default_factory=dict) # `search_widths` options with `widths='search'` (`n_trials`, `space`, `kd_steps`, ...)
     prune_kw:dict=field(default_factory=dict) # more `PruneCallback` and criterion options (`scope`, `soft`, `n_steps`, `n_batches`...)
     distill_kw:dict=field(default_factory=dict) # `DistillCallback` options (`T`, `alpha`, `loss`, `features`, ...)
 
@@ -194,7 +213,23 @@ class SlimConfig:
         put('min_keep', _check_min_keep(fs_defaults.min_keep if self.min_keep is None else self.min_keep))
         put('verify', check_choice(fs_defaults.verify if self.verify is None else self.verify, ('auto', 'equal', 'runs', True, False), 'verify'))
         self._check_kw()
+        self._check_widths(m)
         m.check(self)
+
+    def _check_widths(self, m):
+        "`widths` and `search_kw`: a search needs a MACs budget and a channel method that selects once"
+        check_choice(self.widths, ('global', 'search'), 'widths')
+        if not isinstance(self.search_kw, dict): raise ValueError(f"`search_kw` must be a dict, got {self.search_kw!r}")
+        object.__setattr__(self, 'search_kw', dict(self.search_kw))
+        if self.widths == 'global':
+            if self.search_kw: raise ValueError(f"`search_kw` {sorted(self.search_kw)} configures a width search, but `widths` is 'global'")
+            return
+        if not isinstance(m, ChannelMethod) or m.granularity != 'channel' or not isinstance(m.criterion, (str, Criterion)):
+            raise ValueError(f"`widths`='search' sizes channel groups by a named criterion; method {self.method!r} does not")
+        if self.target_macs is None: raise ValueError("`widths`='search' needs `target_macs` (the search's budget), not `ratio`")
+        if self.schedule != 'one-shot': raise ValueError(f"`widths`='search' selects once: `schedule` must be 'one-shot', got {self.schedule!r}")
+        bad = sorted(set(self.search_kw) - set(_SEARCH_OPTIONS))
+        if bad: raise ValueError(f"`search_kw` has no option(s) {bad}; `search_widths` takes {list(_SEARCH_OPTIONS)}")
 
     def _check_kw(self):
         "`prune_kw` and `distill_kw` as dicts of their own, checked against what they configure"

@@ -281,3 +281,29 @@ def test_quantize_options_are_checked_before_training(kw, match):
     kw = {'target_macs': 0.5, **kw} if 'ratio' not in kw else kw
     with pytest.raises(ValueError, match=match): _slim(learn, **kw)
     assert _same(before, _state(learn.model))
+
+# ---------------------------------------------------------------- widths found by search (issue #22)
+
+def test_slim_with_searched_widths(tmp_path):
+    "`widths='search'`: stage 2 masks the best trial's widths within the MACs budget; the study lives in the run folder"
+    pytest.importorskip('optuna')
+    learn = _dense(0, epochs=3)
+    r = _slim(learn, 'l1', target_macs=0.3, widths='search', search_kw=dict(n_trials=4), prune_epochs=1, finetune_epochs=1, path=tmp_path)
+    eff = r.slim['macs'] / r.dense['macs']
+    assert eff <= 0.3 * 1.02, eff                                       # every trial meets the budget
+    assert r.settings['widths'] == 'search' and r.settings['search_trials'] == 4
+    assert (tmp_path/'search.db').exists() and (tmp_path/'search.png').exists()
+    assert r.slim['accuracy'] > 0.8, r.slim['accuracy']
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(method='l1', ratio=0.5, widths='search'), '`target_macs`'),
+    (dict(method='magnitude', ratio=0.5, widths='search'), 'named criterion'),
+    (dict(method='l1', target_macs=0.5, widths='search', search_kw=dict(trials=3)), "no option.*'trials'"),
+    (dict(method='l1', target_macs=0.5, search_kw=dict(n_trials=3)), "`widths` is 'global'"),
+    (dict(method='l1', target_macs=0.5, widths='grid'), '`widths`'),
+    (dict(method='l1', target_macs=0.5, widths='search', schedule='agp'), 'one-shot')])
+def test_search_options_are_checked_before_training(kw, match):
+    learn = _dense(0, epochs=1)
+    before = _state(learn.model)
+    with pytest.raises(ValueError, match=match): _slim(learn, **kw)
+    assert _same(_state(learn.model), before)
