@@ -139,7 +139,7 @@ class LatencyModel:
                  check_reps:int=5, # timings of a selection in its end-to-end check, interleaved with the dense model's
                  round_to:int=None, # widths of the table points are multiples of this (as `select`'s `round_to`); default 1
                  tol:float=0.05, # the end-to-end check accepts a measured latency within this share of the budget
-                 rounds:int=4, # selections at most, each checked end to end, before the best is kept
+                 rounds:int=6, # selections at most, each checked end to end, before the best is kept
                  stat:str='median', # what a timing reports of its `n` runs: 'median', or 'min' (steadier on a machine shared with other jobs)
                  timer=None, # `timer(model, x) -> seconds`; default `OrtTimer` or `TorchTimer` for `runtime`
                  cache:bool=True, # read and write the tables in the cache folder

@@ -165,3 +165,11 @@ def test_prune_callback_target_latency(tmp_path):
     with pytest.raises(ValueError, match='exactly one'): PruneCallback(ratio=0.5, target_latency=0.5)
     with pytest.raises(ValueError, match="granularity='channel'"): PruneCallback(target_latency=0.5, granularity='weight', criterion='magnitude')
     with pytest.raises(ValueError, match='`target_latency` must be'): PruneCallback(target_latency=2)
+
+def test_next_goal_scales_then_brackets():
+    from fastslim.plan.select import next_goal
+    r = lambda pg, m: dict(goal=0.5, predicted_goal=pg, measured=m)
+    assert next_goal([r(0.5, 0.8)]) == pytest.approx(0.5 * 0.5 / 0.8)                  # no bracket yet: scaled
+    g = next_goal([r(0.5, 0.8), r(0.3, 0.4)])                                          # 0.4 under, 0.8 over the budget
+    assert 0.3 < g < 0.5 and g == pytest.approx(0.3 + 0.25 * 0.2)
+    assert next_goal([r(0.5, 0.8), r(0.3, 0.4), r(0.35, 0.45), r(0.45, 0.6)]) == pytest.approx(0.35 + 0.1 * (0.5 - 0.45) / 0.15)

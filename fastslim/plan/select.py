@@ -17,7 +17,7 @@ from .tp_compat import is_out
 # %% auto #0
 __all__ = ['check_scores', 'candidates', 'chunks', 'nearest_kept', 'local_units', 'set_masks', 'select', 'select_global',
            'select_local', 'layer_macs', 'select_macs', 'resolve_ratios', 'select_per_group', 'select_latency',
-           'latency_rounds', 'prune_weights']
+           'next_goal', 'latency_rounds', 'prune_weights']
 
 # %% ../../nbs/02f_plan.select.ipynb #af9c6b35
 def check_scores(plan, scores:dict):
@@ -257,6 +257,21 @@ def select_latency(plan, steps, latency, goal:float, round_to:int=1, lookahead:i
         push(gi)
     return removed
 
+def next_goal(rounds:list) -> float:
+    "The predicted goal of the next round: interpolated between the closest rounds measured under and over the budget, else the last one scaled by budget / measured"
+    last = rounds[-1]
+    want = last['goal']
+    under = [o for o in rounds if o['measured'] <= want]
+    over = [o for o in rounds if o['measured'] > want]
+    if under and over:
+        lo, hi = max(under, key=lambda o: o['measured']), min(over, key=lambda o: o['measured'])
+        a, b = lo['predicted_goal'], hi['predicted_goal']
+        if lo['measured'] < hi['measured'] and a < b:                # a bracket: regula falsi, kept off its ends
+            f = (want - lo['measured']) / (hi['measured'] - lo['measured'])
+            return a + min(max(f, 0.1), 0.9) * (b - a)
+        return (a + b) / 2
+    return last['predicted_goal'] * want / last['measured']          # the measured / predicted ratio, assumed to hold
+
 def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, mode, round_to:int=1):
     "Select to a latency budget, time the compacted model end to end, and re-select to a corrected predicted goal until the measured latency is within `latency.tol` of the budget (at most `latency.rounds` times)"
     rounds, masks, pgoal = [], [], None
@@ -270,12 +285,7 @@ def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, m
                            dense_ms=1e3 * dense, widths={g.name: g.n_keep for g in plan.groups}))
         masks.append({g.name: g.keep.clone() for g in plan.groups})
         if abs(measured / want - 1) <= latency.tol: break
-        prev = rounds[-2] if len(rounds) > 1 else None
-        nxt = pgoal * want / measured                                # the measured / predicted ratio, assumed to hold
-        if prev is not None and abs(measured - prev['measured']) > 1e-3:   # secant through the last two rounds
-            sec = pgoal + (want - measured) * (pgoal - prev['predicted_goal']) / (measured - prev['measured'])
-            if 0.3 * pgoal < sec < 3 * pgoal: nxt = sec
-        pgoal = min(max(nxt, 1e-3), 1.)
+        pgoal = min(max(next_goal(rounds), 1e-3), 1.)
     ok = [o for o in rounds if o['measured'] <= o['goal'] * (1 + latency.tol)]
     best = max(ok, key=lambda o: o['measured']) if ok else min(rounds, key=lambda o: o['measured'] / o['goal'])
     for g in plan.groups:                                            # the kept round's masks (a group a later check left out stays whole)
