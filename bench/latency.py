@@ -1,5 +1,5 @@
-"""Latency benchmark (issue #19, first part): does `round_to` turn a MACs reduction into measured speed, and how does
-fastslim's pruned network compare with Torch-Pruning's at the same MACs?
+"""Latency benchmark (issue #19): does `round_to` turn a MACs reduction into measured speed, how does fastslim's pruned
+network compare with Torch-Pruning's at the same MACs, and are latency budgets (`target_latency`) met end to end?
 
 Models (random weights, the same for every variant of a model: latency does not depend on them): torchvision ResNet-50 and MobileNetV2 at `--size`
 (96x96 by default, to fit the run on 2 cores) and the fastslim CIFAR zoo's ResNet-56 at 32x32.
@@ -15,8 +15,15 @@ batch 1 and 8, and in PyTorch eager (`fastslim.core.cpu_latency`, 1 thread) at b
 interleaved: every round times every variant of a model once (the dense one included, order rotating), and the
 median over rounds is reported, so a machine shared with other jobs slows all variants alike.
 
-    python bench/latency.py                      # about 10-15 minutes on 2 cores
+Latency targets (`--part latency`, or `all`): for budgets 0.5 and 0.25 of the dense latency in onnxruntime (CPU, 1 thread,
+batch 1), `fastslim.latency.LatencyModel` measures its per-group tables (a fresh cache folder: the cost reported is a real
+measurement), `SlimPlan.select(target_latency=..., round_to=8)` selects and checks itself end to end, and then this script
+times the result independently: exported by `export_onnx` (the deployment exporter), interleaved rounds with the dense
+model as above, medians. A budget is met when that measured ratio is at most 1.05 x the budget.
+
+    python bench/latency.py                      # MACs targets, about 10-15 minutes on 2 cores
     python bench/latency.py --rounds 5 --models resnet56   # a quick look
+    python bench/latency.py --part latency --models resnet56,mobilenet_v2   # latency targets (the section is rewritten in --out)
 """
 import copy, datetime, math, statistics, sys, tempfile, time, warnings
 from pathlib import Path
@@ -27,6 +34,7 @@ import fastslim.models   # registers the CIFAR zoo with timm
 from fastslim.core import count_macs, cpu_latency
 from fastslim.criteria import L1Norm
 from fastslim.export import export_onnx, onnx_latency, ort_session
+from fastslim.latency import LatencyModel
 from fastslim.plan import SlimPlan
 
 MODELS = {'resnet50': (lambda: torchvision.models.resnet50(), 'imagenet'),
@@ -140,17 +148,99 @@ def verdicts(rows):
                            f"(MACs {a['macs']:.3f} vs {b['macs']:.3f}; < 1: fastslim faster)")
     return out
 
+LAT_TARGETS, LAT_MARK = (0.5, 0.25), '== latency targets (target_latency) =='
+
+def latency_targets(name, rounds, size, log, cache_dir, tol=0.05, stat='median', n=10):
+    "Rows of `target_latency` budgets on onnxruntime CPU, 1 thread, batch 1: the selection's own rounds and an independent end-to-end timing"
+    make, kind = MODELS[name]
+    side = 32 if kind == 'cifar' else size
+    torch.manual_seed(0)
+    x1 = torch.randn(1, 3, side, side)
+    dense = make().eval()
+    plan = SlimPlan(copy.deepcopy(dense), x1, min_keep=0.1, verify=False)
+    scores = L1Norm().scores(plan)
+    lat = LatencyModel(plan, runtime='onnxruntime', bs=1, threads=1, round_to=8, tol=tol, cache_dir=cache_dir, stat=stat, n=n)
+    log(f"  {name}: {lat}")
+    variants, info = {'dense': dense}, {}
+    for t in LAT_TARGETS:
+        t0 = time.perf_counter()
+        plan.select(scores, target_latency=t, latency=lat, round_to=8)
+        variants[t] = plan.compact().eval()
+        widths = {g.name: g.n_keep for g in plan.groups}
+        info[t] = dict(rounds=plan.latency_rounds, kept=next((o for o in plan.latency_rounds if o['widths'] == widths), plan.latency_rounds[-1]), seconds=time.perf_counter() - t0, macs=count_macs(variants[t], x1) / count_macs(dense, x1))
+        log(f"  {name}: target_latency={t} in {info[t]['seconds']:.0f} s, rounds (predicted goal, predicted, measured): "
+            + ', '.join(f"({o['predicted_goal']:.3f}, {o['predicted']:.3f}, {o['measured']:.3f})" for o in plan.latency_rounds))
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = {}
+        for k, m in variants.items():
+            p = Path(tmp)/f'{k}.onnx'
+            export_onnx(m, p, torch.randn(2, 3, side, side))
+            sess[k] = ort_session(p, threads=1); onnx_latency(sess[k], x1, n=1, warmup=3)
+        times, fast, keys = {k: [] for k in variants}, {k: [] for k in variants}, list(variants)
+        for i in range(rounds):
+            for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+                ts = [onnx_latency(sess[k], x1, n=1, warmup=0) for _ in range(3 if stat == 'median' else n)]
+                times[k].append(statistics.median(ts)); fast[k].append(min(ts))
+    med = {k: statistics.median(v) if stat == 'median' else min(fast[k]) for k, v in times.items()}
+    rows = []
+    for t in LAT_TARGETS:
+        r, last, kept = med[t] / med['dense'], info[t]['rounds'], info[t]['kept']
+        rows.append(dict(model=f'{name} {side}px', target=t, measured=r, macs=info[t]['macs'], rounds=len(last), kept_round=kept['round'],
+                         predicted=kept['predicted'], self_check=kept['measured'], self_measured=[round(o['measured'], 3) for o in last], select_s=info[t]['seconds'], dense_ms=1e3 * med['dense'],
+                         cost=lat.cost, met=r <= t * (1 + tol), within=abs(r / t - 1) <= tol))
+    return rows
+
+def latency_lines(rows, rounds, wall, stat='median', n=10):
+    head = (f"{'model':18} {'target':>6} {'measured':>8} {'met':>4} {'+-5%':>4} {'MACs':>6} {'predicted':>9} {'self-check':>10} {'kept':>4} "
+            f"{'rounds':>6}  selection's own checks (measured / dense, each round)")
+    lines = [LAT_MARK, f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+             f"onnxruntime CPU, 1 thread, batch 1, round_to=8, min_keep=0.1, L1 scores, random weights; {rounds} interleaved rounds; timings: "
+             + ("3 runs each, medians" if stat == 'median' else f"the fastest of {n} runs each (stat='min'), the fastest round"),
+             '', 'measured: pruned / dense latency timed here, after the selection, on `export_onnx` files (met: <= 1.05 x target; +-5%: within 5% either way);',
+             "predicted / self-check: the latency model's prediction and the selection's own end-to-end check of the kept round (kept: its index)", '',
+             head, '-' * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:18} {r['target']:6} {r['measured']:8.3f} {'yes' if r['met'] else 'NO':>4} {'yes' if r['within'] else 'no':>4} "
+                     f"{r['macs']:6.3f} {r['predicted']:9.3f} {r['self_check']:10.3f} {r['kept_round']:4} {r['rounds']:6}  {r['self_measured']}")
+    lines.append('')
+    for model in dict.fromkeys(r['model'] for r in rows):
+        r = next(o for o in rows if o['model'] == model)
+        c = r['cost']
+        lines.append(f"{model}: dense {r['dense_ms']:.2f} ms; latency tables: {c['timings']} timings (of {n} runs each) in {c['seconds']:.0f} s"
+                     f"{' (read from the cache)' if c.get('cached') else ''}; selections with their checks: "
+                     + ', '.join(f"{o['target']}: {o['select_s']:.0f} s" for o in rows if o['model'] == model))
+    met = sum(r['met'] for r in rows)
+    lines += ['', f"latency budgets met within 5% (measured <= 1.05 x target): {met} of {len(rows)}", f'wall time {wall:.0f} s']
+    return lines
+
 @call_parse
 def main(
     models:str='resnet50,mobilenet_v2,resnet56', # comma-separated names from MODELS
     size:int=96, # input side of the ImageNet models (ResNet-56 runs at 32)
     rounds:int=15, # interleaved timing rounds (3 runs each; the median over rounds is reported)
     out:str='bench/results/latency.txt', # where the table goes ('' for nowhere)
+    part:str='macs', # 'macs' (MACs targets vs Torch-Pruning), 'latency' (target_latency budgets) or 'all'
+    cache:str='', # latency-table cache folder ('' for a fresh temporary one, so the measurement cost is real)
+    stat:str='median', # latency targets: what a timing reports of its runs, 'median' or 'min' (steadier on a shared machine)
+    n:int=10, # latency targets: runs per timing
 ):
     warnings.filterwarnings('ignore')
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)
+    if part not in ('macs', 'latency', 'all'): raise ValueError(f"`part` must be 'macs', 'latency' or 'all', got {part!r}")
+    if part in ('latency', 'all'):
+        with tempfile.TemporaryDirectory() as tmp:
+            lrows = [r for name in models.split(',') for r in latency_targets(name, rounds, size, log, cache or tmp, stat=stat, n=n)]
+        section = latency_lines(lrows, rounds, time.perf_counter() - t0, stat, n)
+        print('\n'.join(section))
+        if out:
+            old = Path(out).read_text() if Path(out).exists() else ''
+            old = old.split(LAT_MARK)[0].rstrip('\n')
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text((old + '\n\n' if old else '') + '\n'.join(section) + '\n')
+        if part == 'latency': return
+        t0 = time.perf_counter()
     rows = []
     for name in models.split(','): rows += bench_model(name, rounds, size, log)
     lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
@@ -161,5 +251,7 @@ def main(
     lines += [f"dense latency, {r['model']}: " + ', '.join(f"{t} {v:.2f} ms" for t, v in r['dense_ms'].items()) for r in dense]
     print('\n'.join(lines))
     if out:
+        old = Path(out).read_text() if Path(out).exists() else ''
+        keep = LAT_MARK + old.split(LAT_MARK, 1)[1] if LAT_MARK in old else ''   # the latency-target section stays
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text('\n'.join(lines) + '\n')
+        Path(out).write_text('\n'.join(lines) + '\n' + ('\n' + keep if keep else ''))

@@ -151,6 +151,7 @@ def test_unreachable_budget_warns_and_keeps_the_floors(tmp_path):
     lat = LatencyModel(plan, timer=FakeTimer(), cache_dir=tmp_path, reps=1, rounds=2)
     with pytest.warns(UserWarning, match='`target_latency` missed'): plan.select(plan.l1_scores(), target_latency=0.05, latency=lat)
     assert all(g.n_keep == max(1, -(-g.size // 2)) for g in plan.groups)   # every group at its floor, none emptied
+    assert len(plan.latency_rounds) == 1                                  # at the floors, one check is enough
 
 def test_prune_callback_target_latency(tmp_path):
     dls = digits_dls(bs=64)

@@ -285,6 +285,8 @@ def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, m
                            dense_ms=1e3 * dense, widths={g.name: g.n_keep for g in plan.groups}))
         masks.append({g.name: g.keep.clone() for g in plan.groups})
         if abs(measured / want - 1) <= latency.tol: break
+        floor = latency.predict({g.name: g.floor_units(min_keep, round_to) * g.unit_width if g.name in scores else g.size for g in plan.groups})
+        if measured > want and rounds[-1]['predicted'] <= floor * (1 + 1e-9): break   # every scored group is at its floor
         pgoal = min(max(next_goal(rounds), 1e-3), 1.)
     ok = [o for o in rounds if o['measured'] <= o['goal'] * (1 + latency.tol)]
     best = max(ok, key=lambda o: o['measured']) if ok else min(rounds, key=lambda o: o['measured'] / o['goal'])
