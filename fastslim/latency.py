@@ -59,9 +59,11 @@ class TorchTimer:
 
 class OrtTimer:
     "Seconds of an onnxruntime CPU run of a model on `x` with `threads` intra-op threads: the `stat` ('median' or 'min') of `n` runs; each model is exported once"
-    def __init__(self, threads:int=1, n:int=10, warmup:int=2, stat:str='median', keep:int=4):
+    def __init__(self, threads:int=1, n:int=10, warmup:int=2, stat:str='median', keep:int=4,
+                 exporter:str='torchscript', # 'torchscript' (fast, for the tables) or 'dynamo' (`export_onnx`, the deployed graph)
+                ):
         self.threads, self.n, self.warmup, self.keep, self._sessions = threads, n, warmup, keep, {}
-        self.stat = check_choice(stat, set(STATS), 'stat')
+        self.stat, self.exporter = check_choice(stat, set(STATS), 'stat'), check_choice(exporter, {'torchscript', 'dynamo'}, 'exporter')
     @property
     def name(self): return 'onnxruntime' if self.stat == 'median' else f'onnxruntime-{self.stat}'
     def session(self, model:nn.Module, x):
@@ -74,6 +76,7 @@ class OrtTimer:
         with tempfile.TemporaryDirectory() as tmp:
             p = os.path.join(tmp, 'm.onnx')
             try:
+                if self.exporter == 'dynamo': raise NotImplementedError   # straight to `export_onnx`
                 with warnings.catch_warnings(), torch.no_grad():
                     warnings.simplefilter('ignore')
                     torch.onnx.export(m, xs, p, dynamo=False, input_names=[f'x{i}' for i in range(len(xs))])
@@ -142,6 +145,7 @@ class LatencyModel:
                  rounds:int=6, # selections at most, each checked end to end, before the best is kept
                  stat:str='median', # what a timing reports of its `n` runs: 'median', or 'min' (steadier on a machine shared with other jobs)
                  timer=None, # `timer(model, x) -> seconds`; default `OrtTimer` or `TorchTimer` for `runtime`
+                 check_timer=None, # the timer of the end-to-end checks; default `timer` if given, else the deployed graph (`OrtTimer(exporter='dynamo')`, i.e. `export_onnx`) or `TorchTimer`
                  cache:bool=True, # read and write the tables in the cache folder
                  cache_dir=None, # the cache folder; default `$FASTSLIM_LATENCY_CACHE` or `~/.cache/fastslim/latency`
                  example=None, # an input of one sample (tensor or tuple); default: the first row of the plan's example
@@ -153,6 +157,7 @@ class LatencyModel:
         self.plan, self.bs, self.threads, self.fracs, self.reps, self.check_reps = plan, bs, threads, fracs, reps, check_reps
         self.round_to, self.tol, self.rounds = round_to or 1, check_positive(tol, 'tol'), rounds
         self.timer = timer or RUNTIMES[runtime](threads=threads, n=n, stat=stat)
+        self.check_timer = check_timer or timer or (OrtTimer(threads=threads, n=n, stat=stat, exporter='dynamo') if runtime == 'onnxruntime' else self.timer)
         self.runtime = getattr(self.timer, 'name', None) or f"{type(self.timer).__module__}.{getattr(self.timer, '__qualname__', type(self.timer).__qualname__)}"
         ex = as_inputs(example) if example is not None else tuple(o[:1] for o in plan.example)
         self.x = tuple(o[:1].expand(bs, *o.shape[1:]).contiguous() for o in ex)
@@ -201,14 +206,18 @@ class LatencyModel:
         if self._dense is None: self._dense = self._compacted({})
         return self._dense
 
-    def ratio_of(self, model:nn.Module, reps:int=None):
-        "(latency of `model` / the dense model's, dense seconds): `reps` (default `check_reps`) pairs of timings, dense then `model`; the median of the pairs' ratios"
-        rs, ds = [], []
+    def check(self, model:nn.Module):
+        "(latency of `model` / the dense model's, dense seconds) with `check_timer`: the end-to-end check of a selection"
+        return self.ratio_of(model, self.check_reps, self.check_timer)
+
+    def ratio_of(self, model:nn.Module, reps:int=None, timer=None):
+        "(latency of `model` / the dense model's, dense seconds): `reps` (default `check_reps`) pairs of timings by `timer` (default `timer`), dense then `model`; the median of the pairs' ratios"
+        rs, ds, timer = [], [], timer or self.timer
         for _ in range(reps or self.check_reps):
-            if hasattr(self.timer, 'pair'):   # the built-in timers alternate the two models run by run
+            if hasattr(timer, 'pair'):   # the built-in timers alternate the two models run by run
                 self.timings += 2
-                d, t = (float(v) for v in self.timer.pair(self.dense_model, model, self.x))
-            else: d = self._time(self.dense_model); t = self._time(model)
+                d, t = (float(v) for v in timer.pair(self.dense_model, model, self.x))
+            else: self.timings += 2; d = float(timer(self.dense_model, self.x)); t = float(timer(model, self.x))
             rs.append(t / d); ds.append(d)
         return statistics.median(rs), statistics.median(ds)
 
