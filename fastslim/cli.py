@@ -88,8 +88,27 @@ def _write_out(out:Path, learn, slim_run, report, run:dict):
     ch = example_batch(learn.dls)[0].shape[1]
     _write_json(out/'meta.json', dict(arch=run['arch'], kwargs=_arch_kwargs(run['arch'], learn.dls.c, ch)))
     report.save(out)
+    _write_search(out, slim_run)
     _write_json(out/'run.json', run)
     print(f"fastslim: wrote {', '.join(sorted(os.listdir(out)))} to {out}")
+
+def _launched(learn):
+    "fastai's `learn.distrib_ctx()` when `accelerate launch` or `torchrun` started several processes, else nothing"
+    import importlib.util, torch
+    from fastai.torch_core import num_distrib
+    if num_distrib() <= 1: return contextlib.nullcontext()
+    if importlib.util.find_spec('accelerate') is None:
+        raise ImportError('`fastslim slim` in several processes needs accelerate: pip install "fastslim[dist]"')
+    import fastai.distributed   # adds `Learner.distrib_ctx`
+    return learn.distrib_ctx(sync_bn=False, cpu=not torch.cuda.is_available())
+
+def _write_search(out:Path, slim_run):
+    "The width search's plot as `search.png` (written whole, then renamed), when stage 2 searched"
+    import matplotlib.pyplot as plt
+    ws = getattr(slim_run, 'search', None)
+    if ws is None: return
+    tmp = out/'.search.png.tmp'
+    plt.close(ws.plot(tmp)); os.replace(tmp, out/'search.png')
 
 def _write_int8(out:Path, learn):
     "The int8 model as `int8.pt2` (its `torch.export` program, which `fastslim export` reads) and `int8.onnx`, with how far onnxruntime's int8 predictions agree with PyTorch's (`int8.json`)"
@@ -122,22 +141,30 @@ def slim(
     quantize:str=None, # 'qat' (quantisation-aware training) or 'ptq': end with an int8 model, also written as int8.onnx
     qat_epochs:int=2, # epochs of quantisation-aware training with --quantize qat
     round_to:int=None, # keep every pruned width a multiple of this (8 or 16 suit CPU and GPU kernels); default: no rounding
+    search:int=None, # search the per-stage widths with this many optuna trials within the MACs budget (needs `pip install "fastslim[search]"`)
 ):
-    "Train a dense model on `data`, slim it, print the before/after report and save the slim model"
+    "Train a dense model on `data`, slim it, print the before/after report and save the slim model (on rank 0 when launched in several processes)"
     from fastslim.slim import epoch_lines, SlimRun
+    from fastslim.distrib import is_main
+    from fastai.torch_core import num_distrib
     if ratio is None and target_macs is None: target_macs = 0.25
+    check_count(search, '--search', none_ok=True)
+    if search and num_distrib() > 1: raise ValueError("`--search` runs one study in one process: launch it without accelerate/torchrun")
     cfg = _config(method=method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
                   finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg, quantize=quantize, qat_epochs=qat_epochs,
+                  widths='search' if search else 'global', search_kw=dict(n_trials=search) if search else {},
                   prune_kw=dict(round_to=round_to) if round_to is not None else {})
     check_count(dense_epochs, '--dense-epochs', low=0); check_count(bs, '--bs'); check_count(size, '--size', none_ok=True)
     run, outp = dict(data=data, arch=arch, dense_epochs=dense_epochs, size=size, bs=bs, seed=seed, **cfg.to_dict()), Path(out)
     _check_out(outp, run, force)
     learn = _dense_learner(data, arch, size, bs, seed)
-    print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
-    with epoch_lines(learn): learn.fit_one_cycle(dense_epochs, lr)
-    print(f"fastslim: slimming with {method}")
-    slim_run = SlimRun(learn, cfg)
-    report = slim_run.run()
+    with _launched(learn):   # several processes (accelerate launch, torchrun): fastai's DDP, every stage on every rank
+        if is_main(): print(f"fastslim: training dense {arch} on {data} for {dense_epochs} epochs")
+        with epoch_lines(learn): learn.fit_one_cycle(dense_epochs, lr)
+        if is_main(): print(f"fastslim: slimming with {method}")
+        slim_run = SlimRun(learn, cfg)
+        report = slim_run.run()
+    if not is_main(): return 0   # one process reports and writes
     print(report)
     _write_out(outp, learn, slim_run, report, run)
     return 0

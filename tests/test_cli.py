@@ -177,3 +177,19 @@ def test_slim_round_to_keeps_every_pruned_width_a_multiple(tmp_path):
 def test_slim_bad_round_to_names_the_option(tmp_path, capsys):
     assert main(['slim', '--method', 'l1', '--round-to', '0', '--out', str(tmp_path/'x')]) == 2
     assert '`--round-to`' in capsys.readouterr().err and not (tmp_path/'x').exists()
+
+def test_slim_search_writes_the_study_plot(tmp_path):
+    "`--search N`: stage 2's widths come from an N-trial study within the MACs budget; its plot lands next to the report"
+    pytest.importorskip('optuna')
+    out = tmp_path/'s'
+    assert main(['slim', '--method', 'l1', '--search', '3', '--target-macs', '0.4', '--dense-epochs', '1', '--prune-epochs', '0',
+                 '--finetune-epochs', '1', '--out', str(out)]) == 0
+    rep = json.loads((out/'report.json').read_text())
+    assert (out/'search.png').exists() and json.loads((out/'run.json').read_text())['search_kw'] == {'n_trials': 3}
+    assert rep['slim']['macs'] <= 0.4 * 1.02 * rep['dense']['macs']
+
+def test_slim_bad_search_names_the_option(tmp_path, capsys):
+    assert main(['slim', '--method', 'l1', '--search', '0', '--out', str(tmp_path/'x')]) == 2
+    assert '`--search`' in capsys.readouterr().err and not (tmp_path/'x').exists()
+    assert main(['slim', '--method', 'l1', '--search', '3', '--ratio', '0.5', '--out', str(tmp_path/'x')]) == 2
+    assert '`--target-macs`' in capsys.readouterr().err and not (tmp_path/'x').exists()

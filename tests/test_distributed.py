@@ -148,3 +148,15 @@ def test_every_callback_under_fp16_on_gpu():
         learn.fit(1, 0.01, cbs=MaskCallback(plan_of(learn.model)) if plan_of(learn.model) else [])
     assert top1(learn.model, dls) > 0.8
     assert learn.model[0].out_channels < 32
+
+def test_command_line_on_two_processes(tmp_path):
+    "`torchrun -m fastslim slim`: every rank trains, rank 0 alone prints the report and writes the output folder"
+    out = tmp_path/'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'fastslim', 'slim',
+           '--dense-epochs', '2', '--sparse-epochs', '1', '--finetune-epochs', '1', '--out', str(out)]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg', 'PYTHONWARNINGS': 'ignore'}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count('dense/slim') == 1 and r.stdout.count('fastslim: wrote') == 1   # one report, one writer
+    assert r.stdout.count('fastslim: stage 1/3') == 1
+    assert {'slim.pt', 'report.json', 'run.json', 'meta.json'} <= {p.name for p in out.iterdir()}
