@@ -22,4 +22,5 @@ from .report import *
 from .slim import *
 from .export import *
 from .quantize import *
+from .search import *
 __all__ = [o for o in dir() if not o.startswith('_')]

@@ -24,8 +24,8 @@ from .prune import recalibrate_bn
 from .distill import kd_loss
 
 # %% auto #0
-__all__ = ['LOW', 'search_space', 'trial_macs', 'floor_macs', 'fit_widths', 'proxy_batches', 'proxy_score', 'WidthSearch',
-           'search_widths']
+__all__ = ['MIN_TRIAL_FRACTION', 'search_space', 'trial_macs', 'floor_macs', 'fit_widths', 'proxy_batches', 'proxy_score',
+           'WidthSearch', 'search_widths']
 
 # %% ../nbs/32_search.ipynb #7d06e862
 def _optuna():
@@ -191,7 +191,7 @@ def proxy_score(small:nn.Module, # the compacted network (trained in place when 
     return dict(loss=tot / n, accuracy=correct / n)
 
 # %% ../nbs/32_search.ipynb #034e7b59
-LOW = 0.05   # the smallest keep fraction a trial proposes (before the common rescaling)
+MIN_TRIAL_FRACTION = 0.05   # the smallest keep fraction a trial proposes (before the common rescaling)
 
 def _keep_of(plan): return {g.name: g.n_keep for g in plan.groups}
 def _ratios(plan, keep): return {g.name: 1 - keep[g.name] / g.size for g in plan.groups if g.name in keep}
@@ -199,7 +199,7 @@ def _ratios(plan, keep): return {g.name: 1 - keep[g.name] / g.size for g in plan
 def _dim_fractions(space, plan, keep):
     "{dimension: kept share of its channels} of the widths `keep`, within the searched range"
     sz = {g.name: g.size for g in plan.groups}
-    return {d: min(1., max(LOW, sum(keep[n] for n in ns) / sum(sz[n] for n in ns))) for d, ns in space.items()}
+    return {d: min(1., max(MIN_TRIAL_FRACTION, sum(keep[n] for n in ns) / sum(sz[n] for n in ns))) for d, ns in space.items()}
 
 def _weights_sum(model):
     "A fingerprint of `model`'s weights: the sum of their absolute values"
@@ -385,7 +385,7 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
                          calib_batches=calib_batches, score_batches=score_batches, metric=metric, seed=seed, lr=lr, T=T, alpha=alpha)
 
     def objective(trial):
-        fr = {d: trial.suggest_float(d, LOW, 1.) for d in dims}
+        fr = {d: trial.suggest_float(d, MIN_TRIAL_FRACTION, 1.) for d in dims}
         keep, small, macs = _compacted(plan, scores, fr, target_macs, dims, min_keep, round_to, x1, dense_macs)
         torch.manual_seed(seed + trial.number)
         r = proxy_score(small, fit, score, teacher, kd_steps, lr, T, alpha, getattr(learn, 'loss_func', None))
