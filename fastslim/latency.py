@@ -26,13 +26,14 @@ def _runs(call, n, warmup):
     for _ in range(n): t0 = time.perf_counter(); call(); res.append(time.perf_counter() - t0)
     return res
 
-def _pair_runs(a, b, n, warmup):
-    "Seconds of `n` calls of `a()` and of `b()`, alternating run by run (both see the same load), after `warmup` of each"
+def _pair_runs(a, b, n, warmup, block:int=5):
+    "Seconds of `n` calls of `a()` and of `b()`, alternating in blocks of `block` runs (both see the same load; each block's first run, with the other model's weights in cache, is not timed)"
     for _ in range(warmup): a(); b()
     ta, tb = [], []
-    for _ in range(n):
-        t0 = time.perf_counter(); a(); t1 = time.perf_counter(); b(); t2 = time.perf_counter()
-        ta.append(t1 - t0); tb.append(t2 - t1)
+    for i in range(0, n, block):
+        for f, ts in ((a, ta), (b, tb)):
+            f()
+            for _ in range(min(block, n - i)): t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
     return ta, tb
 
 STATS = {'median': statistics.median, 'min': min}
