@@ -171,6 +171,17 @@ def table(rows):
     return '\n'.join(lines)
 
 ROWS = ['tp_bnscale', 'tp_l1', 'fasterai_local', 'fasterai_global', 'fs_slimming', 'fs_l1', 'scratch_b']
+def setup(threads:int):
+    "MNIST-10k loaders (8,000 train / 2,000 test) and one input, with `threads` torch threads, no progress bars, the command line printed"
+    if not DATA.exists(): raise SystemExit(f"no data at {DATA}")
+    torch.set_num_threads(threads); warnings.simplefilter('ignore')
+    from fastai.basics import defaults
+    from fastai.callback.progress import ProgressCallback
+    defaults.callbacks = [c for c in defaults.callbacks if c is not ProgressCallback]   # no bars in the log (scratch_b's learner too)
+    dls = npz_dls(DATA, n_train=8000, bs=128)
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  python {' '.join(sys.argv)}")
+    return dls, dls.one_batch()[0][:1].cpu()
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--nets', nargs='+', default=list(NETS), choices=list(NETS))
@@ -185,14 +196,7 @@ def main():
     p.add_argument('--tp_reg', type=float, default=1e-5, help="BNScalePruner's reg (its default)")
     p.add_argument('--threads', type=int, default=1)
     a = p.parse_args()
-    if not DATA.exists(): raise SystemExit(f"no data at {DATA}")
-    torch.set_num_threads(a.threads); warnings.simplefilter('ignore')
-    from fastai.basics import defaults
-    from fastai.callback.progress import ProgressCallback
-    defaults.callbacks = [c for c in defaults.callbacks if c is not ProgressCallback]   # no bars in the log (scratch_b's learner too)
-    dls = npz_dls(DATA, n_train=8000, bs=128)
-    x = dls.one_batch()[0][:1].cpu()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  python {' '.join(sys.argv)}")
+    dls, x = setup(a.threads)
     print(f"# MNIST-10k (8000 train / 2000 test); dense {a.dense} ep, then {a.sparse}+{a.finetune} ep for every row; width x{a.width}")
     rows = []
     for net in a.nets:

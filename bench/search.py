@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np, torch
 from fastai.vision.all import accuracy, set_seed
 from fastslim.core import count_macs, example_batch
-from fastslim.data import npz_dls
 from fastslim.plan import SlimPlan
 from fastslim.criteria import get_criterion
 from fastslim.prune import recalibrate_bn, scratch_b
@@ -28,7 +27,7 @@ from fastslim.distill import DistillCallback
 from fastslim.slim import accuracy_of
 from fastslim.search import search_widths
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import NETS, OPTS, DATA, learner, fit   # the same nets, data, optimizers and dense training as bench/peers.py
+from peers import NETS, OPTS, DATA, learner, fit, setup   # the same nets, data, optimizers and dense training as bench/peers.py
 
 def cpu(): return time.process_time()
 
@@ -172,14 +171,7 @@ def main():
     a = p.parse_args()
     a.scratch_targets = a.targets if a.scratch_targets is None else a.scratch_targets
     a.scratch_seeds = a.seeds if a.scratch_seeds is None else a.scratch_seeds
-    if not DATA.exists(): raise SystemExit(f"no data at {DATA}")
-    torch.set_num_threads(a.threads); warnings.simplefilter('ignore')
-    from fastai.basics import defaults
-    from fastai.callback.progress import ProgressCallback
-    defaults.callbacks = [c for c in defaults.callbacks if c is not ProgressCallback]   # no bars in the log (scratch_b's learner too)
-    dls = npz_dls(DATA, n_train=8000, bs=128)
-    x = dls.one_batch()[0][:1].cpu()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  python {' '.join(sys.argv)}")
+    dls, x = setup(a.threads)
     print(f"# MNIST-10k (8000 train / 2000 test); {a.opt}, dense {a.dense} ep; every shape: BN re-estimated, then {a.finetune} ep of KD "
           f"from dense, and Scratch-B; search: {a.trials} trials, space {a.space}, criterion {a.criterion}, starts {a.starts}, {a.kd_steps} KD steps, {a.calib}+{a.score} batches; "
           f"width x{a.width}; Scratch-B at targets {a.scratch_targets}, seeds {a.scratch_seeds}")
