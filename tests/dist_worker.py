@@ -79,6 +79,16 @@ def criteria():
         res[crit] = state(learn.model)
     save('criteria', **res)
 
+def images():
+    "fastai's own image path: `ImageDataLoaders` from a folder (TensorImage batches), a timm ResNet, fastai's default Adam"
+    import timm
+    set_seed(0)
+    dls = ImageDataLoaders.from_folder(OUT.parent/'images', valid_pct=0.2, seed=0, item_tfms=Resize(32), bs=32, num_workers=0)
+    learn = Learner(dls, timm.create_model('resnet18', num_classes=10), metrics=accuracy)
+    cb = PruneCallback(target_macs=0.5, criterion='l1', compact_at_end=True)
+    with learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit(1, 1e-3, cbs=[cb, DistillCallback()])
+    save('images', state=state(learn.model), batch=type(dls.one_batch()[0]).__name__)
+
 def sparse():
     "Budget-steered SparsityCallback (BatchNorm scales and group lasso), then unstructured pruning with MaskCallback"
     res = {}

@@ -14,13 +14,13 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD
 from fastai.torch_core import set_seed
-from fastslim.all import (digits_dls, PruneCallback, DistillCallback, SparsityCallback, MaskCallback, plan_of, top1)
+from fastslim.all import (digits_dls, digits_folder, PruneCallback, DistillCallback, SparsityCallback, MaskCallback, plan_of, top1)
 from fastslim.distrib import unwrap
 from fastslim.test_utils import digits_cnn
 
 pytest.importorskip('accelerate', reason='the `dist` extra (accelerate) is needed for fastai.distributed')
 WORKER = Path(__file__).with_name('dist_worker.py')
-SCENARIOS = ['scores', 'fit', 'iterative', 'criteria', 'sparse', 'blocks', 'slim']
+SCENARIOS = ['scores', 'fit', 'iterative', 'criteria', 'images', 'sparse', 'blocks', 'slim']
 ACC_TOL = 0.03   # accuracy, 2 ranks against 1 process (same seed, same global batch)
 TIMEOUT = 600    # seconds per launch: a hang (mismatched collectives) fails instead of blocking CI
 
@@ -48,6 +48,7 @@ def runs(tmp_path_factory):
     learn = Learner(digits_dls(bs=64), digits_cnn(), metrics=accuracy, opt_func=partial(SGD, mom=0.9))
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 0.05)
     torch.save(learn.model.state_dict(), tmp/'dense.pt')
+    digits_folder(tmp/'images', size=32, per_class=20)          # for the `images` scenario: fastai's ImageDataLoaders
     two, one = _launch(tmp/'two', tmp/'dense.pt', 2), _launch(tmp/'one', tmp/'dense.pt', 1)
     logs = _wait(two, '2-process run'), _wait(one, 'single-process run')
     assert 'rank 0 of 2' in logs[0] and 'rank 1 of 2' in logs[0] and 'rank 0 of 1' in logs[1]
@@ -106,6 +107,13 @@ def test_every_criterion_prunes_under_two_ranks(runs):
     two, _, _ = runs['criteria']
     dense = _widths(runs['dense'])
     for crit, sd in two.items(): assert _widths(sd) != dense, f"{crit} did not compact"
+
+def test_image_folder_and_timm_model_under_two_ranks(runs):
+    "TensorImage batches from ImageDataLoaders and a timm ResNet-18: pruned to half the MACs and compacted on both ranks"
+    two, _, one = runs['images']
+    assert two['batch'] == 'TensorImage'
+    assert _widths(two['state']) == _widths(one['state'])                   # one-shot L1 from the same initial weights
+    assert two['state']['conv1.weight'].shape[0] < 64                       # compacted: the stem lost channels
 
 def test_distributed_sparsity_and_masks(runs):
     "Steered sparsity (BN scales, group lasso) and unstructured masks held by MaskCallback under 2 ranks"
