@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys, json, os, re, contextlib
 from pathlib import Path
 from fastcore.script import call_parse, parse_cli, CliError
-from .checks import check_count
+from .checks import check_choice, check_count
 from .core import example_batch
 
 # %% auto #0
@@ -119,6 +119,19 @@ def _write_int8(out:Path, learn):
           f"(largest logit difference {res['max_logit_diff']:.3g})")
 
 # %% ../nbs/90_cli.ipynb #0514936c
+def _latency_target(s:str|None):
+    "`--target-latency` as `SlimConfig` takes it: a number ('0.5') as a float, milliseconds ('2.5ms') as the string"
+    try: return None if s is None else float(s)
+    except ValueError: return s
+
+def _latency_kw(target_latency, runtime, threads) -> dict:
+    "The `LatencyModel` options of `--latency-runtime` and `--latency-threads`, checked; an error if they are given without `--target-latency`"
+    from fastslim.latency import RUNTIMES
+    check_choice(runtime, [None, *RUNTIMES], '--latency-runtime'); check_count(threads, '--latency-threads', none_ok=True)
+    kw = {k: v for k, v in dict(runtime=runtime, threads=threads).items() if v is not None}
+    if kw and target_latency is None: raise ValueError(f"{', '.join(f'`--latency-{k}`' for k in kw)} time `--target-latency`, which is not given")
+    return kw
+
 @call_parse
 def slim(
     data:str='digits', # 'digits' (no download), a .npz with x/y, an image folder or a fastai URLs name
@@ -142,18 +155,23 @@ def slim(
     qat_epochs:int=2, # epochs of quantisation-aware training with --quantize qat
     round_to:int=None, # keep every pruned width a multiple of this (8 or 16 suit CPU and GPU kernels); default: no rounding
     search:int=None, # search the per-stage widths with this many optuna trials within the MACs budget (needs `pip install "fastslim[search]"`)
+    target_latency:str=None, # instead of --target-macs: slim latency as a fraction of dense (0.5) or in milliseconds (2.5ms), timed on the CPU
+    latency_runtime:str=None, # what --target-latency is timed on: onnxruntime (the default) or torch (PyTorch eager)
+    latency_threads:int=None, # CPU threads of --latency-runtime (default 1)
 ):
     "Train a dense model on `data`, slim it, print the before/after report and save the slim model (on rank 0 when launched in several processes)"
     from fastslim.slim import epoch_lines, SlimRun
     from fastslim.distrib import is_main
     from fastai.torch_core import num_distrib
-    if ratio is None and target_macs is None: target_macs = 0.25
+    if ratio is None and target_macs is None and target_latency is None: target_macs = 0.25
+    latency_kw = _latency_kw(target_latency, latency_runtime, latency_threads)
     check_count(search, '--search', none_ok=True)
     if search and num_distrib() > 1: raise ValueError("`--search` runs one study in one process: launch it without accelerate/torchrun")
     cfg = _config(method=method, ratio=ratio, target_macs=target_macs, sparse_epochs=sparse_epochs, prune_epochs=prune_epochs,
                   finetune_epochs=finetune_epochs, distill=not no_distill, lr=lr, reg=reg, quantize=quantize, qat_epochs=qat_epochs,
                   widths='search' if search else 'global', search_kw=dict(n_trials=search) if search else {},
-                  prune_kw=dict(round_to=round_to) if round_to is not None else {})
+                  prune_kw=dict(round_to=round_to) if round_to is not None else {},
+                  target_latency=_latency_target(target_latency), latency_kw=latency_kw)
     check_count(dense_epochs, '--dense-epochs', low=0); check_count(bs, '--bs'); check_count(size, '--size', none_ok=True)
     run, outp = dict(data=data, arch=arch, dense_epochs=dense_epochs, size=size, bs=bs, seed=seed, **cfg.to_dict()), Path(out)
     _check_out(outp, run, force)

@@ -6,7 +6,7 @@ Docs: https://fastslim.github.io/fastslim/latency.html.md"""
 
 # %% ../nbs/33_latency.ipynb #697b0bf8
 from __future__ import annotations
-import hashlib, json, math, os, platform, statistics, tempfile, time, warnings
+import hashlib, importlib.util, inspect, json, math, os, platform, statistics, tempfile, time, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ from .plan.group import KEEP_BUF, WEIGHT_MASK_BUF
 from .plan.select import nearest_kept
 
 # %% auto #0
-__all__ = ['STATS', 'RUNTIMES', 'CACHE_ENV', 'TorchTimer', 'OrtTimer', 'latency_cache_dir', 'arch_digest', 'LatencyModel']
+__all__ = ['STATS', 'RUNTIMES', 'CACHE_ENV', 'TorchTimer', 'OrtTimer', 'latency_cache_dir', 'arch_digest', 'LatencyModel',
+           'check_latency_kw']
 
 # %% ../nbs/33_latency.ipynb #6c12d766
 def _runs(call, n, warmup):
@@ -131,6 +132,17 @@ def _interp(points, w):
         if w <= w1: break
     return r0 + (r1 - r0) * (w - w0) / (w1 - w0) if w1 != w0 else r1
 
+def _check_options(runtime, bs, threads, fracs, n, reps, check_reps, tol, rounds, stat, timer, check_timer):
+    "`fracs` as a tuple of floats if every `LatencyModel` option is in range, else a `ValueError` naming it"
+    if timer is None: check_choice(runtime, set(RUNTIMES), 'runtime')
+    for k, v in dict(bs=bs, threads=threads, n=n, reps=reps, check_reps=check_reps, rounds=rounds).items(): check_count(v, k)
+    check_choice(stat, set(STATS), 'stat'); check_positive(tol, 'tol')
+    for k, v in dict(timer=timer, check_timer=check_timer).items():
+        if v is not None and not callable(v): raise ValueError(f"`{k}` must be a function `timer(model, x) -> seconds`, got {v!r}")
+    fracs = tuple(float(f) for f in fracs)
+    if not fracs or not all(0 < f < 1 for f in fracs): raise ValueError(f"`fracs` must be keep fractions in (0, 1), got {fracs!r}")
+    return fracs
+
 class LatencyModel:
     "Per-group width-to-latency tables of `plan`'s model, measured on the deployed runtime, and the end-to-end check of a selection"
     def __init__(self, plan,
@@ -151,12 +163,10 @@ class LatencyModel:
                  cache_dir=None, # the cache folder; default `$FASTSLIM_LATENCY_CACHE` or `~/.cache/fastslim/latency`
                  example=None, # an input of one sample (tensor or tuple); default: the first row of the plan's example
                 ):
-        if timer is None: check_choice(runtime, set(RUNTIMES), 'runtime')
-        check_count(bs, 'bs'); check_count(threads, 'threads'); check_count(n, 'n'); check_count(reps, 'reps'); check_count(check_reps, 'check_reps'); check_count(rounds, 'rounds')
-        fracs = tuple(float(f) for f in fracs)
-        if not fracs or not all(0 < f < 1 for f in fracs): raise ValueError(f"`fracs` must be keep fractions in (0, 1), got {fracs!r}")
+        fracs = _check_options(runtime=runtime, bs=bs, threads=threads, fracs=fracs, n=n, reps=reps, check_reps=check_reps,
+                               tol=tol, rounds=rounds, stat=stat, timer=timer, check_timer=check_timer)
         self.plan, self.bs, self.threads, self.fracs, self.reps, self.check_reps = plan, bs, threads, fracs, reps, check_reps
-        self.round_to, self.tol, self.rounds = round_to or 1, check_positive(tol, 'tol'), rounds
+        self.round_to, self.tol, self.rounds = round_to or 1, tol, rounds
         self.timer = timer or RUNTIMES[runtime](threads=threads, n=n, stat=stat)
         self.check_timer = check_timer or timer or (OrtTimer(threads=threads, n=n, stat=stat, exporter='dynamo') if runtime == 'onnxruntime' else self.timer)
         self.runtime = getattr(self.timer, 'name', None) or f"{type(self.timer).__module__}.{getattr(self.timer, '__qualname__', type(self.timer).__qualname__)}"
@@ -253,3 +263,17 @@ class LatencyModel:
 def _ort_version():
     try: import onnxruntime; return onnxruntime.__version__
     except ImportError: return None
+
+def check_latency_kw(kw:dict|None, name:str='latency_kw') -> dict:
+    "`kw` (None: `{}`) if it holds `LatencyModel` options in range, checked without building or timing anything; else a `ValueError` naming the option"
+    if kw is None: return {}
+    if not isinstance(kw, dict): raise ValueError(f"`{name}` must be a dict of `LatencyModel` options, got {kw!r}")
+    params = {k: p.default for k, p in inspect.signature(LatencyModel.__init__).parameters.items() if k not in ('self', 'plan')}
+    bad = sorted(set(kw) - set(params))
+    if bad: raise ValueError(f"`{name}` has no option(s) {bad}; `LatencyModel` takes {list(params)}")
+    o = {**params, **kw}
+    _check_options(**{k: o[k] for k in inspect.signature(_check_options).parameters})
+    if o['round_to'] is not None: check_count(o['round_to'], 'round_to')
+    if o['timer'] is None and o['runtime'] == 'onnxruntime' and importlib.util.find_spec('onnxruntime') is None:
+        raise ImportError("`target_latency` times onnxruntime by default, which is not installed: `pip install onnxruntime`, or `runtime='torch'`")
+    return dict(kw)

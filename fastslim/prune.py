@@ -117,7 +117,9 @@ class PruneCallback(Callback):
             if granularity == 'weight': raise ValueError("`target_latency` needs `granularity='channel'`")
             if scope not in (None, 'global'): raise ValueError("`target_latency` needs `scope='global'`")
         else: check_target(ratio, target_macs, scope)
-        if latency_kw is not None and not isinstance(latency_kw, dict): raise ValueError(f"`latency_kw` must be a dict, got {type(latency_kw).__name__}")
+        from fastslim.latency import check_latency_kw
+        check_latency_kw(latency_kw)
+        if latency_kw and target_latency is None: raise ValueError(f"`latency_kw` {sorted(latency_kw)} configures `target_latency`, which is not given")
         check_choice(granularity, {'channel', 'weight'}, 'granularity')
         if target_macs is not None and granularity == 'weight': raise ValueError("`target_macs` needs `granularity='channel'`")
         check_choice(verify, {None, True, False, 'equal', 'runs'}, 'verify')
@@ -134,7 +136,7 @@ class PruneCallback(Callback):
         self.scope = scope or ('global' if target_macs is not None or target_latency is not None else getattr(self.crit, 'default_scope', 'global'))
         if target_latency is None: check_target(ratio, target_macs, self.scope)
         store_attr('ratio,target_macs,granularity,min_keep,compact_at_end,rewind_epoch,plan,verify,round_to,target_latency,latency_kw')
-        self.latency = None
+        self.latency, self.latency_kept = None, None   # the LatencyModel, and the end-to-end check of the kept selection
         self.log = []
 
     def __getstate__(self):
@@ -189,6 +191,8 @@ class PruneCallback(Callback):
             goal = 1 - frac * (1 - t)
             if goal >= 1: return   # the budget is above the dense latency so far: nothing to remove at this step
         self.plan.select(scores, target_latency=goal, latency=self.latency, verify=self.verify, **kw)
+        widths = {g.name: g.n_keep for g in self.plan.groups}   # the kept round: the one whose widths the plan now has
+        self.latency_kept = next((o for o in reversed(self.plan.latency_rounds) if o['widths'] == widths), None)
 
     def prune_now(self, learn:Learner):
         "Prune `learn`'s model to the full target at once, outside `fit` (what a one-shot schedule does at `start`)"

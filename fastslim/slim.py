@@ -17,7 +17,7 @@ from fastai.learner import Learner
 from .core import *
 from .core import defaults as fs_defaults   # aliased: fastai's own `defaults` shares the name
 from .checks import *
-from .plan import plan_of, save_slim, load_slim
+from .plan import SlimPlan, plan_of, save_slim, load_slim
 from .prune import PruneCallback, MaskCallback, recalibrate_bn
 from .distill import DistillCallback
 from .schedule import PruneSchedule
@@ -26,6 +26,7 @@ from .sparsity import bn_scales, sparsity_callback
 from .blocks import remove_dead_blocks
 from .criteria import get_criterion, magnitude_scores, Criterion
 from .search import search_widths
+from .latency import LatencyModel, check_latency_kw
 from .quantize import QuantizeCallback, with_device_marker
 from .export import quantize_pt2e
 from .distrib import is_main, barrier, sync_state, distributed
@@ -73,7 +74,8 @@ class ChannelMethod(SlimMethod):
     def callback(self, cfg) -> PruneCallback:
         "The stage-2 `PruneCallback` of `cfg`; `check` builds one unused, so its options are checked before any weight changes"
         one_shot = cfg.schedule == 'one-shot'
-        return PruneCallback(ratio=cfg.ratio, target_macs=cfg.target_macs, criterion=self.criterion, granularity=self.granularity,
+        return PruneCallback(ratio=cfg.ratio, target_macs=cfg.target_macs, target_latency=cfg.target_latency, latency_kw=cfg.latency_kw or None,
+                             criterion=self.criterion, granularity=self.granularity,
                              schedule=cfg.schedule, start=0., end=1. if one_shot else 0.5, min_keep=cfg.min_keep,
                              verify=None if cfg.verify == 'auto' else cfg.verify, **cfg.prune_kw)
 
@@ -83,8 +85,10 @@ class ChannelMethod(SlimMethod):
         cb, cfg = self.callback(run.cfg), run.cfg
         if cfg.widths == 'search': return self.search(run)
         if cb.soft or cfg.schedule != 'one-shot':   # selected during training: SFP re-selects every epoch, schedules step
-            return run.fit('stage 2/3: pruning during training', max(cfg.prune_epochs, 1), [cb])
+            run.fit('stage 2/3: pruning during training', max(cfg.prune_epochs, 1), [cb])
+            return run.timed(cb)
         cb.prune_now(run.learn)
+        run.timed(cb)
         run.pruned()
         run.fit('stage 2/3: training with the masks held', cfg.prune_epochs, [MaskCallback(cb.plan)])
 
@@ -110,7 +114,8 @@ class WeightMethod(ChannelMethod):
     granularity, removes = 'weight', 'weights'
     def __init__(self, criterion='magnitude'): super().__init__(criterion)
     def check(self, cfg):
-        if cfg.target_macs is not None: raise ValueError(f"method {cfg.method!r} removes weights: give `ratio`, not `target_macs`")
+        for k in ('target_macs', 'target_latency'):   # zeroed weights leave the MACs and the dense kernels' time as they were
+            if getattr(cfg, k) is not None: raise ValueError(f"method {cfg.method!r} removes weights: give `ratio`, not `{k}`")
         super().check(cfg)
     def compact(self, run): pass
 
@@ -119,7 +124,8 @@ class BlockMethod(SlimMethod):
     "Sparse Structure Selection: branch scales learnt in stage 1; stage 2 turns off the share `ratio` of the blocks and removes them"
     sparsity, removes = 'blocks', 'blocks'
     def check(self, cfg):
-        if cfg.target_macs is not None: raise ValueError(f"method {cfg.method!r} removes blocks: give `ratio`, not `target_macs`")
+        for k in ('target_macs', 'target_latency'):
+            if getattr(cfg, k) is not None: raise ValueError(f"method {cfg.method!r} removes blocks: give `ratio`, not `{k}`")
         if cfg.prune_kw: raise ValueError(f"method {cfg.method!r} removes blocks by their branch scale: it takes no pruning option, got {sorted(cfg.prune_kw)}")
         if cfg.schedule != 'one-shot': raise ValueError(f"method {cfg.method!r} removes its blocks at once: `schedule` must be 'one-shot', got {cfg.schedule!r}")
         if cfg.sparse_epochs < 1: raise ValueError(f"method {cfg.method!r} learns its branch scales in stage 1: `sparse_epochs` must be >= 1, got {cfg.sparse_epochs!r}")
@@ -164,7 +170,7 @@ def get_method(name:str) -> SlimMethod:
 
 # %% ../nbs/70_slim.ipynb #8b8cd4ef
 _DISTILL_OPTIONS = tuple(p for p in inspect.signature(DistillCallback.__init__).parameters if p not in ('self', 'teacher'))
-_SET_BY_SLIM = ('ratio', 'target_macs', 'criterion', 'granularity', 'schedule', 'start', 'end', 'min_keep', 'verify', 'plan')
+_SET_BY_SLIM = ('ratio', 'target_macs', 'target_latency', 'latency_kw', 'criterion', 'granularity', 'schedule', 'start', 'end', 'min_keep', 'verify', 'plan')
 _SEARCH_OPTIONS = tuple(p for p in inspect.signature(search_widths).parameters
                         if p not in ('learn', 'target_macs', 'criterion', 'min_keep', 'round_to', 'path'))
 _NOT_TRAINED = ('tolerance', 'strict', 'measure_speed')   # change what is reported or whether to stop, not the weights
@@ -179,6 +185,7 @@ class SlimConfig:
     method:str='slimming' # a name from `METHODS`
     ratio:float|None=None # share of channels (weights for 'magnitude', blocks for 'sss') to remove, in [0, 1)
     target_macs:float|None=None # instead of `ratio`: slim MACs as a fraction of dense MACs, in (0, 1)
+    target_latency:float|str|None=None # instead of `ratio`: slim latency as a fraction in (0, 1) of dense, or milliseconds such as '2.5ms' (channel methods; `fastslim.latency`)
     sparse_epochs:int|None=None # stage 1 epochs (default 4 for methods with a sparsity stage, else 0)
     prune_epochs:int=1 # stage 2 epochs with the masks held (SFP re-selects each epoch)
     finetune_epochs:int=3 # stage 3 epochs of fine-tuning the compacted network
@@ -195,13 +202,13 @@ class SlimConfig:
     qat_epochs:int=2 # epochs of quantisation-aware training (with `quantize='qat'`), at a tenth of `lr`
     widths:str='global' # how stage 2 sizes each group: 'global' (the criterion's one threshold) or 'search' (`search_widths`; needs `target_macs`)
     search_kw:dict=field(default_factory=dict) # `search_widths` options with `widths='search'` (`n_trials`, `space`, `kd_steps`, ...)
+    latency_kw:dict=field(default_factory=dict) # `LatencyModel` options with `target_latency` (`runtime`, `bs`, `threads`, `timer`, `cache_dir`, ...)
     prune_kw:dict=field(default_factory=dict) # more `PruneCallback` and criterion options (`scope`, `soft`, `n_steps`, `n_batches`...)
     distill_kw:dict=field(default_factory=dict) # `DistillCallback` options (`T`, `alpha`, `loss`, `features`, ...)
 
     def __post_init__(self):
         m, put = get_method(self.method), lambda k, v: object.__setattr__(self, k, v)
-        ratio, target_macs = check_target(self.ratio, self.target_macs)
-        put('ratio', ratio); put('target_macs', target_macs)
+        self._check_budget()
         put('sparse_epochs', m.default_sparse_epochs() if self.sparse_epochs is None else self.sparse_epochs)
         for k in ('sparse_epochs', 'prune_epochs', 'finetune_epochs'): check_count(getattr(self, k), k, low=0)
         check_choice(self.quantize, (None, 'qat', 'ptq'), 'quantize'); check_count(self.qat_epochs, 'qat_epochs')
@@ -216,6 +223,19 @@ class SlimConfig:
         self._check_widths(m)
         m.check(self)
 
+    def _check_budget(self):
+        "Exactly one budget: `ratio`, `target_macs` or `target_latency` (a fraction, or milliseconds written as '2.5ms'); `latency_kw` only with the last"
+        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) != 1:
+            raise ValueError("give exactly one of `ratio`, `target_macs` and `target_latency`")
+        ratio, target_macs = check_target(self.ratio, self.target_macs, required=False)
+        object.__setattr__(self, 'ratio', ratio); object.__setattr__(self, 'target_macs', target_macs)
+        if self.target_latency is not None:
+            kind, v = check_latency_target(self.target_latency)
+            object.__setattr__(self, 'target_latency', v if kind == 'fraction' else f'{v}ms')
+        object.__setattr__(self, 'latency_kw', check_latency_kw(self.latency_kw))
+        if self.latency_kw and self.target_latency is None:
+            raise ValueError(f"`latency_kw` {sorted(self.latency_kw)} configures a latency budget, but `target_latency` is not given")
+
     def _check_widths(self, m):
         "`widths` and `search_kw`: a search needs a MACs budget and a channel method that selects once"
         check_choice(self.widths, ('global', 'search'), 'widths')
@@ -226,7 +246,8 @@ class SlimConfig:
             return
         if not isinstance(m, ChannelMethod) or m.granularity != 'channel' or not isinstance(m.criterion, (str, Criterion)):
             raise ValueError(f"`widths`='search' sizes channel groups by a named criterion; method {self.method!r} does not")
-        if self.target_macs is None: raise ValueError("`widths`='search' needs `target_macs` (the search's budget), not `ratio`")
+        if self.target_macs is None:
+            raise ValueError(f"`widths`='search' needs `target_macs` (the search's budget), not `{'ratio' if self.target_latency is None else 'target_latency'}`")
         if self.schedule != 'one-shot': raise ValueError(f"`widths`='search' selects once: `schedule` must be 'one-shot', got {self.schedule!r}")
         bad = sorted(set(self.search_kw) - set(_SEARCH_OPTIONS))
         if bad: raise ValueError(f"`search_kw` has no option(s) {bad}; `search_widths` takes {list(_SEARCH_OPTIONS)}")
@@ -261,7 +282,9 @@ class SlimConfig:
 
     def fingerprint(self) -> dict:
         "What a resume must find unchanged: every field that changes what is trained"
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINED}
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINED}
+        if d['target_latency'] is None and not d['latency_kw']: del d['target_latency'], d['latency_kw']   # runs saved before these fields resume
+        return d
 
 # %% ../nbs/70_slim.ipynb #fc18d7e0
 def accuracy_of(learn:Learner, model:nn.Module=None) -> float:
@@ -341,7 +364,7 @@ class SlimRun:
         if check_bool(resume, 'resume') and path is None: raise ValueError("`resume` needs the `path` of the run's checkpoints")
         self.learn, self.cfg, self.method = learn, cfg, get_method(cfg.method)
         self.st = _Stages(path, resume, cfg.fingerprint())
-        self.x, self.dense, self.used = example_batch(learn.dls), None, {}
+        self.x, self.dense, self.used, self.latency = example_batch(learn.dls), None, {}, {}
 
     def run(self) -> SlimReport:
         "Every stage not done yet, then the report; on an error or Ctrl-C the learner gets back the network it came with"
@@ -383,13 +406,39 @@ class SlimRun:
     def pruned(self):
         "After stage 2's selection: BatchNorm statistics re-estimated, and the accuracy recorded before any weight trains"
         recalibrate_bn(self.learn.model, self.learn.dls.train)
-        self.st.records.append(dict(stage='pruned (BN stats only)', **self.record('pruned')))
+        self.st.records.append(dict(stage='pruned (BN stats only)', **self.record('pruned'), **self.latency))
+
+    def timed(self, cb):
+        "After a `target_latency` selection by `cb`: the runtime the budget was measured in, and the kept selection's measured latency / dense"
+        kept, lat = getattr(cb, 'latency_kept', None), getattr(cb, 'latency', None)
+        if kept is None or lat is None: return
+        self.latency = dict(latency=round(kept['measured'], 4), latency_goal=round(kept['goal'], 4))
+        self.used.update(latency_runtime=lat.runtime, latency_dense_ms=round(kept['dense_ms'], 4), latency_measured=self.latency['latency'],
+                         latency_tables='cached' if lat.cost.get('cached') else f"measured: {lat.cost['timings']} timings in {lat.cost['seconds']:.1f} s")
+
+    def sparsity_config(self):
+        "The config stage 1 is steered by: `cfg`, or under a steered `target_latency` the same with `target_macs` its MACs proxy (`latency_macs`)"
+        cfg = self.cfg
+        if cfg.target_latency is None or cfg.reg is not None or not self.method.sparsity: return cfg
+        macs = self.latency_macs()
+        self.used.update(sparsity_target_macs=round(macs, 4))
+        return dataclasses.replace(cfg, target_latency=None, latency_kw={}, target_macs=macs)
+
+    def latency_macs(self) -> float:
+        "MACs / dense MACs of the selection that meets `target_latency` on (a copy of) the network now, by the method's criterion and a `LatencyModel`"
+        cfg, rt = self.cfg, self.cfg.prune_kw.get('round_to')
+        plan = SlimPlan(copy.deepcopy(self.learn.model), self.x, min_keep=cfg.min_keep, verify=False)
+        lat = LatencyModel(plan, **{'round_to': rt, **cfg.latency_kw})   # cached: stage 2's `PruneCallback` reads these tables again
+        scores = self.method.callback(cfg).crit.scores(plan, self.learn.dls)
+        plan.select(scores, target_latency=cfg.target_latency, latency=lat, min_keep=cfg.min_keep, round_to=rt, verify=False)
+        dense = count_macs(lat.dense_model, tuple(o[:1].to(model_device(lat.dense_model)) for o in as_inputs(self.x)))
+        return min(max(effective_macs(plan.model, self.x) / dense, 1e-3), 1 - 1e-3)
 
     def sparse(self):
         "Stage 1: sparsity training (methods that learn their structure), then the guard against a ruined network"
         n, learn = self.cfg.sparse_epochs, self.learn
         if n:
-            cb = self.method.sparsity_cb(self.cfg)
+            cb = self.method.sparsity_cb(self.sparsity_config())
             self.fit('stage 1/3: sparsity training', n, [cb])
             steered = getattr(cb, 'reg', None) is None   # the report's `reg`: the fixed strength, or the steered one's last value
             self.used.update(reg='steered to the budget' if steered else cb.reg, reg_final=getattr(cb, 'cur_reg', None) if steered else cb.reg)
