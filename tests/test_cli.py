@@ -193,3 +193,42 @@ def test_slim_bad_search_names_the_option(tmp_path, capsys):
     assert '`--search`' in capsys.readouterr().err and not (tmp_path/'x').exists()
     assert main(['slim', '--method', 'l1', '--search', '3', '--ratio', '0.5', '--out', str(tmp_path/'x')]) == 2
     assert '`--target-macs`' in capsys.readouterr().err and not (tmp_path/'x').exists()
+
+# ---------------------------------------------------------------- latency budgets (issue #19)
+
+def test_slim_target_latency_runs_on_the_runtime_it_names(tmp_path, monkeypatch):
+    "`--target-latency 0.5 --latency-runtime torch --latency-threads 2`: the budget reaches `LatencyModel` (its runtime a fake one: nothing is timed)"
+    from test_latency import FakeTimer
+    import fastslim.latency as L
+    made = []
+    def runtime(threads, n, stat): made.append(threads); return FakeTimer()
+    monkeypatch.setitem(L.RUNTIMES, 'torch', runtime)
+    monkeypatch.setenv(L.CACHE_ENV, str(tmp_path/'cache'))
+    out = tmp_path/'l'
+    assert main(['slim', '--method', 'l1', '--target-latency', '0.5', '--latency-runtime', 'torch', '--latency-threads', '2',
+                 '--dense-epochs', '1', '--prune-epochs', '0', '--finetune-epochs', '0', '--out', str(out)]) == 0
+    run, rep = (json.loads((out/f).read_text()) for f in ('run.json', 'report.json'))
+    assert run['target_latency'] == 0.5 and run['target_macs'] is None and run['latency_kw'] == dict(runtime='torch', threads=2)
+    assert made == [2] and len(list((tmp_path/'cache').iterdir())) == 1
+    from fastslim.cli import build_model
+    t, ch = FakeTimer(), next(iter(load_model_dir(out).parameters())).shape[1]
+    ratio = t.cost(load_model_dir(out)) / t.cost(build_model(run['arch'], 10, ch))   # the fake runtime's latency, slim over dense
+    assert abs(ratio / 0.5 - 1) <= 0.05 and rep['settings']['latency_measured'] == pytest.approx(ratio, abs=1e-4)
+    assert rep['settings']['latency_runtime'].endswith('FakeTimer')
+    assert rep['slim']['macs'] < 0.75 * rep['dense']['macs']
+
+@pytest.mark.parametrize('args, option', [
+    (['--target-latency', '1.5'], '--target-latency'), (['--target-latency', 'fast'], '--target-latency'),
+    (['--target-latency', '0ms'], '--target-latency'), (['--target-latency', '0.5', '--ratio', '0.5'], '--target-latency'),
+    (['--target-latency', '0.5', '--target-macs', '0.5'], '--target-macs'), (['--target-latency', '0.5', '--method', 'magnitude'], '--target-latency'),
+    (['--target-latency', '0.5', '--method', 'sss'], '--target-latency'), (['--target-latency', '0.5', '--search', '3'], '--target-latency'),
+    (['--target-latency', '0.5', '--latency-runtime', 'tensorrt'], '--latency-runtime'),
+    (['--target-latency', '0.5', '--latency-threads', '0'], '--latency-threads'),
+    (['--latency-runtime', 'torch'], '--target-latency'), (['--latency-threads', '2'], '--latency-threads')])
+def test_slim_bad_latency_budget_names_the_option(args, option, tmp_path, capsys):
+    "A bad latency budget or runtime is one line naming the option, before anything is trained or written"
+    out = tmp_path/'x'
+    assert main(['slim', '--method', 'l1', *args, '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f'`{option}`' in err, err
+    assert not out.exists()

@@ -6,7 +6,7 @@ import pytest, torch
 from torch import nn
 from fastai.learner import Learner
 from fastslim.data import digits_dls
-from fastslim.latency import LatencyModel, arch_digest, latency_cache_dir, CACHE_ENV
+from fastslim.latency import LatencyModel, arch_digest, latency_cache_dir, check_latency_kw, CACHE_ENV
 from fastslim.models import vgg_tiny
 from fastslim.plan import SlimPlan
 from fastslim.prune import PruneCallback
@@ -166,6 +166,21 @@ def test_prune_callback_target_latency(tmp_path):
     with pytest.raises(ValueError, match='exactly one'): PruneCallback(ratio=0.5, target_latency=0.5)
     with pytest.raises(ValueError, match="granularity='channel'"): PruneCallback(target_latency=0.5, granularity='weight', criterion='magnitude')
     with pytest.raises(ValueError, match='`target_latency` must be'): PruneCallback(target_latency=2)
+    with pytest.raises(ValueError, match='`target_latency`, which is not given'): PruneCallback(ratio=0.5, latency_kw=dict(threads=2))
+    with pytest.raises(ValueError, match='`runtime`'): PruneCallback(target_latency=0.5, latency_kw=dict(runtime='tvm'))
+    kept = cb.latency_kept                                   # the end-to-end check of the selection the plan kept
+    assert kept['widths'] == {g.name: g.n_keep for g in cb.plan.groups} and kept['measured'] == pytest.approx(t.cost(learn.model) / t.cost(dense))
+
+def test_check_latency_kw_checks_without_timing():
+    "`check_latency_kw` (what `SlimConfig` calls on `latency_kw`) refuses what `LatencyModel` would, building and timing nothing"
+    t = FakeTimer()
+    assert check_latency_kw(None) == {} and check_latency_kw(dict(runtime='torch', threads=2, timer=t)) == dict(runtime='torch', threads=2, timer=t)
+    for kw, msg in [(dict(runtime='tensorrt'), '`runtime`'), (dict(bs=0), '`bs`'), (dict(threads=1.5), '`threads`'), (dict(fracs=(1.2,)), '`fracs`'),
+                    (dict(tol=0), '`tol`'), (dict(rounds=0), '`rounds`'), (dict(stat='mean'), '`stat`'), (dict(round_to=0), '`round_to`'),
+                    (dict(timer=1), '`timer`'), (dict(check_timer='x'), '`check_timer`'), (dict(plan=1), "no option.*'plan'"), ((1, 2), 'a dict')]:
+        with pytest.raises(ValueError, match=msg): check_latency_kw(kw)
+    assert check_latency_kw(dict(runtime='tensorrt', timer=t))   # a timer of its own: `runtime` is not used
+    assert t.calls == 0
 
 def test_next_goal_scales_then_brackets():
     from fastslim.plan.select import next_goal

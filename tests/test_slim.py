@@ -177,6 +177,23 @@ def test_resume_every_method(method, stage, tmp_path, monkeypatch):
     (dict(method='l1', target_macs=0.5, min_keep=-1), '`min_keep`'),
     (dict(method='l1', target_macs=0.5, distill=False, T=2), 'distill'),
     (dict(method='slimming', target_macs=0.5, tolerance=1.5), '`tolerance`'),
+    # a latency budget (issue #19): one budget, a channel method, `LatencyModel` options in range
+    (dict(method='l1'), 'exactly one of `ratio`, `target_macs` and `target_latency`'),
+    (dict(method='l1', ratio=0.5, target_latency=0.5), 'exactly one'),
+    (dict(method='slimming', target_macs=0.5, target_latency=0.5), 'exactly one'),
+    (dict(method='magnitude', target_latency=0.5), '`target_latency`'),
+    (dict(method='sss', target_latency=0.5), '`target_latency`'),
+    (dict(method='l1', target_latency=1.), '`target_latency` must be'),
+    (dict(method='l1', target_latency='fast'), '`target_latency` must be'),
+    (dict(method='l1', target_latency='-2ms'), '`target_latency` must be'),
+    (dict(method='l1', target_latency=0.5, latency_kw=dict(runtime='tensorrt')), '`runtime`'),
+    (dict(method='l1', target_latency=0.5, latency_kw=dict(threads=0)), '`threads`'),
+    (dict(method='l1', target_latency=0.5, latency_kw=dict(timer='fast')), '`timer`'),
+    (dict(method='l1', target_latency=0.5, latency_kw=dict(thread=2)), "no option.*'thread'"),
+    (dict(method='l1', target_latency=0.5, latency_kw=[('threads', 2)]), '`latency_kw` must be a dict'),
+    (dict(method='l1', target_macs=0.5, latency_kw=dict(threads=2)), '`target_latency` is not given'),
+    (dict(method='l1', target_latency=0.5, widths='search'), "needs `target_macs`.*not `target_latency`"),
+    (dict(method='l1', target_macs=0.5, prune_kw=dict(target_latency=0.5)), 'sets'),
 ])
 def test_bad_input(kwargs, match, monkeypatch):
     learn = _dense(0, 0, cfg=[8, 'M', 16])
@@ -307,3 +324,52 @@ def test_search_options_are_checked_before_training(kw, match):
     before = _state(learn.model)
     with pytest.raises(ValueError, match=match): _slim(learn, **kw)
     assert _same(_state(learn.model), before)
+
+# ---------------------------------------------------------------- latency budgets (issue #19)
+# Every timer is `test_latency.FakeTimer`: a cost computed from the layer widths, so nothing is timed for real.
+
+@pytest.mark.filterwarnings('ignore:the measured speed-up:UserWarning')   # the report's real timing of a tiny net, not the budget's
+@pytest.mark.parametrize('method', ['l1', 'slimming'])
+def test_slim_to_a_latency_budget(method, tmp_path):
+    "`target_latency=0.5`: the slim network's latency (the fake runtime's) lands within 5% of half the dense one's; the report says how it was timed"
+    from test_latency import FakeTimer
+    learn = _dense(0, 1, cfg=[16, 'M', 32, 'M', 64])
+    dense, t = copy.deepcopy(learn.model), FakeTimer()
+    r = _slim(learn, method, target_latency=0.5, latency_kw=dict(timer=t, cache_dir=tmp_path, reps=1), **_epochs(method))
+    ratio = t.cost(learn.model) / t.cost(dense)
+    assert abs(ratio / 0.5 - 1) <= 0.05, ratio
+    stages = {s['stage']: s for s in r.stages}
+    assert stages['pruned (BN stats only)']['latency'] == pytest.approx(ratio, abs=1e-4) and stages['pruned (BN stats only)']['latency_goal'] == 0.5
+    s = r.settings
+    assert s['target_latency'] == 0.5 and s['target_macs'] is None and s['latency_runtime'] == 'test_latency.FakeTimer'
+    assert s['latency_measured'] == pytest.approx(ratio, abs=1e-4) and s['latency_dense_ms'] == pytest.approx(1e3 * t.cost(dense), rel=1e-3)
+    assert r.slim['macs'] < 0.75 * r.dense['macs']
+    assert len(list(tmp_path.iterdir())) == 1                                   # one table file, measured once
+    if method == 'slimming':   # stage 1 was steered by the MACs of a latency selection; stage 2 read its tables back
+        assert 0.2 < s['sparsity_target_macs'] < 0.8 and s['latency_tables'] == 'cached'
+    else: assert 'sparsity_target_macs' not in s and s['latency_tables'].startswith('measured')
+
+@pytest.mark.filterwarnings('ignore:the measured speed-up:UserWarning')
+def test_slim_to_a_latency_budget_in_milliseconds(tmp_path):
+    from test_latency import FakeTimer
+    learn = _dense(0, 0, cfg=[16, 'M', 32, 'M', 64])
+    t = FakeTimer()
+    ms = 0.4 * 1e3 * t.cost(learn.model)
+    r = _slim(learn, 'l1', target_latency=f'{ms:.6f}ms', latency_kw=dict(timer=t, cache_dir=tmp_path, reps=1), prune_epochs=0, finetune_epochs=0)
+    assert abs(1e3 * t.cost(learn.model) / ms - 1) <= 0.05
+    assert r.settings['target_latency'].endswith('ms')
+
+def test_latency_config_round_trip():
+    "`to_dict` (run.json) holds the budget and its options; `from_dict` gives the same config back; both are part of the resume fingerprint"
+    from fastslim.slim import SlimConfig
+    cfg = SlimConfig.from_kwargs('l1', target_latency=' 2.5MS ', latency_kw=dict(runtime='torch', threads=2), round_to=8)
+    assert cfg.target_latency == '2.5ms' and cfg.latency_kw == dict(runtime='torch', threads=2) and cfg.prune_kw == dict(round_to=8)
+    d = cfg.to_dict()
+    assert d['target_latency'] == '2.5ms' and d['latency_kw'] == dict(runtime='torch', threads=2)
+    assert SlimConfig.from_dict(d) == cfg and SlimConfig.from_dict(d).to_dict() == d
+    fp = cfg.fingerprint()
+    assert fp['target_latency'] == '2.5ms' and fp != SlimConfig('l1', target_latency=0.5, latency_kw=dict(runtime='torch', threads=2)).fingerprint()
+    assert fp != SlimConfig('l1', target_latency='2.5ms', latency_kw=dict(runtime='torch')).fingerprint()
+    assert 'target_latency' not in SlimConfig('l1', target_macs=0.5).fingerprint()   # runs saved before the field existed still resume
+    cb = fastslim.slim.METHODS['l1'].callback(cfg)
+    assert cb.target_latency == '2.5ms' and cb.latency_kw == dict(runtime='torch', threads=2) and cb.round_to == 8
