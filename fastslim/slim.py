@@ -29,7 +29,7 @@ from .search import search_widths
 from .latency import LatencyModel, check_latency_kw
 from .quantize import QuantizeCallback, with_device_marker
 from .export import quantize_pt2e
-from .distrib import is_main, barrier, sync_state, distributed
+from .distrib import is_main, barrier, sync_state, distributed, broadcast
 
 # %% auto #0
 __all__ = ['METHODS', 'SlimMethod', 'ChannelMethod', 'WeightMethod', 'BlockMethod', 'register_method', 'get_method', 'SlimConfig',
@@ -419,7 +419,7 @@ class SlimRun:
     def sparsity_config(self):
         "The config stage 1 is steered by: `cfg`, or under a steered `target_latency` the same with `target_macs` its MACs proxy (`latency_macs`)"
         cfg = self.cfg
-        if cfg.target_latency is None or cfg.reg is not None or not self.method.sparsity: return cfg
+        if cfg.target_latency is None or cfg.reg is not None or not self.method.sparsity or not hasattr(self.method, 'callback'): return cfg
         macs = self.latency_macs()
         self.used.update(sparsity_target_macs=round(macs, 4))
         return dataclasses.replace(cfg, target_latency=None, latency_kw={}, target_macs=macs)
@@ -432,7 +432,8 @@ class SlimRun:
         scores = self.method.callback(cfg).crit.scores(plan, self.learn.dls)
         plan.select(scores, target_latency=cfg.target_latency, latency=lat, min_keep=cfg.min_keep, round_to=rt, verify=False)
         dense = count_macs(lat.dense_model, tuple(o[:1].to(model_device(lat.dense_model)) for o in as_inputs(self.x)))
-        return min(max(effective_macs(plan.model, self.x) / dense, 1e-3), 1 - 1e-3)
+        macs = broadcast(torch.tensor([effective_macs(plan.model, self.x) / dense], dtype=torch.float64))   # distributed: rank 0's timings decide
+        return min(max(float(macs[0]), 1e-3), 1 - 1e-3)
 
     def sparse(self):
         "Stage 1: sparsity training (methods that learn their structure), then the guard against a ruined network"
