@@ -272,8 +272,9 @@ class SlimConfig:
         return cls(method, **own, prune_kw=pkw, distill_kw=dkw)
 
     def to_dict(self) -> dict:
-        "Every field as JSON holds it (an object such as a `PruneSchedule` as its `repr`)"
-        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, default=repr))
+        "Every field as JSON holds it (a path as its string, an object such as a `PruneSchedule` or a `timer` as its `repr`)"
+        as_json = lambda o: os.fspath(o) if isinstance(o, os.PathLike) else repr(o)
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, default=as_json))
 
     @classmethod
     def from_dict(cls, d:dict):
