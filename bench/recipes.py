@@ -152,7 +152,8 @@ def grid(a, dls, x):
             for t, (small, macs, pr) in st.items():
                 for frac in a.labels:
                     for rc in a.recipes:
-                        if rc == 'scratch4x' and frac < 1 and not a.scratch4x_all: continue
+                        if rc == 'scratch4x' and ((frac < 1 and not a.scratch4x_all) or
+                                                  (a.scratch4x_at and not any(abs(t-u) < 1e-3 for u in a.scratch4x_at))): continue
                         t1 = time.time()
                         acc = recover(rc, dense, small, dls, frac, seed, a)
                         r = dict(net=net, seed=seed, target=t, macs=macs, pruned=pr, dense=dacc, labels=frac, recipe=rc, acc=acc, s=time.time()-t1)
@@ -210,6 +211,7 @@ def main():
     p.add_argument('--finetune', type=int, default=2, help='recovery epochs (63 steps of 128 each)')
     p.add_argument('--scratch_mult', type=int, default=4)
     p.add_argument('--scratch4x_all', action='store_true', help='scratch4x at every label fraction (default: full labels only)')
+    p.add_argument('--scratch4x_at', type=float, nargs='+', help='scratch4x only at these targets (default: all)')
     p.add_argument('--T', type=float, default=4.); p.add_argument('--alpha', type=float, default=0.5)
     p.add_argument('--match', type=float, default=1., help="weight of the channel-matched hints in kd+match")
     p.add_argument('--sweep', action='store_true', help='T x alpha x match sweep on the first net, last target, first seed')
