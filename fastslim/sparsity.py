@@ -184,7 +184,7 @@ class SparsityCallback(PenaltyCallback):
         ratio:float=None,       # Budget: share of channels the pruning will remove, in [0, 1) (as `PruneCallback`)
         target_macs:float=None, # Budget instead of `ratio`: MACs after pruning as a fraction of the dense MACs, in (0, 1)
         min_keep:int|float=None, # With a budget: the pruning's floor per group (default: `fastslim.core.defaults.min_keep`)
-        settle:float=0.25,      # With a budget: last fraction of the stage in which the removed channels stay at zero
+        settle:float=0.5,       # With a budget: last fraction of the stage in which the removed channels stay at zero
         every:int=10,           # With a budget: optimizer steps between re-rankings of the channels to remove
     ):
         self.schedule = as_schedule(schedule, start, end)
