@@ -138,8 +138,18 @@ class SlimReport:
         if self.stages:
             lines += ['', 'stage                      accuracy         MACs']
             lines += [f"{s['stage']:24} {_fmt('accuracy', s.get('accuracy')):>10} {s['macs']:>14,}" for s in self.stages]
+        lines += self.latency_lines()
         lines += [''] + [f'warning: {w}' for w in self.warnings] if self.warnings else []
         return '\n'.join(lines)
+
+    def latency_lines(self):
+        "Under a `target_latency` run: the budget, the runtime it was measured in and what the kept selection measured"
+        s = self.settings
+        if not s.get('latency_runtime'): return []
+        t = s.get('target_latency')
+        goal = t if isinstance(t, str) else f'{t:g} of dense'
+        return ['', f"latency budget {goal} on {s['latency_runtime']}: the selection measured {s['latency_measured']:.3f} of dense "
+                    f"({s['latency_dense_ms']:.3f} ms dense; tables {s.get('latency_tables', '?')})"]
 
     def to_dict(self):
         f = lambda t: None if t is None else [float(v) for v in t]
