@@ -24,6 +24,7 @@ from .blocks import *
 from .blocks import block_spec, end_path
 from .plan import SlimPlan, plan_of, bn_members
 from .distrib import unwrap, sync_state
+from .prune import recalibrate_bn
 
 # %% auto #0
 __all__ = ['as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback', 'SparsityCallback',
@@ -116,7 +117,7 @@ class _Steer:
 class PenaltyCallback(Callback):
     "Base of fastslim's sparsity callbacks: a scheduled strength, and a penalty and near-zero share shown in fastai's table"
     order = MixedPrecision.order + 0.5  # after MixedPrecision unscales gradients (10), before GradientClip (11)
-    run_valid, near, col = False, 1e-2, 'reg'
+    run_valid, near, col, refresh_bn = False, 1e-2, 'reg', 8
     def __init__(self,
         reg:float,              # Strength of the penalty, a finite number >= 0
         schedule=None,          # A `Schedule` (class or instance) scaling `reg` over training; default `Constant`
@@ -144,7 +145,7 @@ class PenaltyCallback(Callback):
         self._setup()  # checks and collects; raises before any weight changes
         self._mets = L(ValueMetric(self._penalty, f'{self.col}_penalty'), ValueMetric(self.near_zero, f'{self.col}_near0'))
         self.learn.metrics = self._drop_mets(self.learn.metrics) + self._mets
-        self.n_steps, self._pen, self._n, self._stepped, self.lr_sum, self._trained = 0, 0., 0, False, 0., False
+        self.n_steps, self._pen, self._n, self._stepped, self.lr_sum, self._trained, self._recent = 0, 0., 0, False, 0., False, []
     def _fit_setup(self): pass
     def before_train(self):
         "The first training epoch of a fit sets up what needs training (a `validate` also runs `before_fit`)"
@@ -152,6 +153,13 @@ class PenaltyCallback(Callback):
         self._pen, self._n, self._trained = 0., 0, True
     def before_batch(self): self._stepped = False
     def after_cancel_step(self): self._stepped = False   # a step skipped (fp16 overflow) or cancelled: nothing to follow
+    def after_batch(self):
+        "Keep the last `refresh_bn` training inputs (references to the batches fastai already built, nothing copied)"
+        if self.refresh_bn: self._recent = (self._recent + [tuple(self.learn.xb)])[-self.refresh_bn:]
+    def before_validate(self):
+        "Re-estimate BatchNorm statistics on the last training inputs: running averages lag behind shrinking scales"
+        if self._recent: recalibrate_bn(self.net, [(*xb, None) for xb in self._recent], n_batches=len(self._recent), n_inp=len(self._recent[0]))
+        self._recent = []
     def _record(self, pen): self._pen, self._n, self.n_steps = self._pen + pen, self._n + 1, self.n_steps + 1
     def _penalty(self): return float(self._pen) / self._n if self._n else 0.
     def _drop_mets(self, mets): return L(m for m in mets if not any(m is o for o in getattr(self, '_mets', [])))
@@ -186,7 +194,9 @@ class SparsityCallback(PenaltyCallback):
         min_keep:int|float=None, # With a budget: the pruning's floor per group (default: `fastslim.core.defaults.min_keep`)
         settle:float=0.5,       # With a budget: last fraction of the stage in which the removed channels stay at zero
         every:int=10,           # With a budget: optimizer steps between re-rankings of the channels to remove
+        refresh_bn:int=8,       # Re-estimate BatchNorm statistics on this many recent training batches before each validation (0: off)
     ):
+        self.refresh_bn = check_count(refresh_bn, 'refresh_bn', low=0)
         self.schedule = as_schedule(schedule, start, end)
         self.target = check_choice(target, {'bn', 'groups'}, 'target')
         self.mode = check_choice(mode, {'prox', 'grad'}, 'mode')
@@ -448,7 +458,9 @@ class BlockSparsityCallback(PenaltyCallback):
         ratio:float=None,       # Budget: share of the blocks to remove, in [0, 1)
         target_macs:float=None, # Budget instead of `ratio`: MACs after removing blocks as a fraction of the dense MACs, in (0, 1)
         settle:float=0.25,      # With a budget: last fraction of the stage in which the removed blocks stay at zero
+        refresh_bn:int=8,       # Re-estimate BatchNorm statistics on this many recent training batches before each validation (0: off)
     ):
+        self.refresh_bn = check_count(refresh_bn, 'refresh_bn', low=0)
         self.ratio, self.target_macs = _check_budget(ratio, target_macs)
         self.budget = self.ratio is not None or self.target_macs is not None
         reg = reg if reg is not None else None if self.budget else 0.1

@@ -555,8 +555,32 @@ def test_factory():
 
 @pytest.mark.parametrize('kw,msg', [(dict(ratio=1.), '`ratio`'), (dict(target_macs=0.), '`target_macs`'),
                                     (dict(ratio=0.5, target_macs=0.5), '`ratio`'), (dict(settle=1.), '`settle`'),
-                                    (dict(mode='sign'), '`mode`'), (dict(ratio=0.5, every=0), '`every`')])
+                                    (dict(mode='sign'), '`mode`'), (dict(ratio=0.5, every=0), '`every`'),
+                                    (dict(ratio=0.5, refresh_bn=-1), '`refresh_bn`'), (dict(ratio=0.5, refresh_bn=2.), '`refresh_bn`')])
 def test_bad_budget_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg): SparsityCallback(**kw)
     if 'mode' not in kw and 'every' not in kw:
         with pytest.raises(ValueError, match=msg): BlockSparsityCallback(**kw)
+
+
+# ------------------------------------------------------------------- validation sees the network being trained
+class _LastInputs(Callback):
+    "Records the inputs of the last `n` training batches"
+    def __init__(self, n): self.n, self.xs = n, []
+    def after_batch(self):
+        if self.training: self.xs = (self.xs + [self.learn.xb[0]])[-self.n:]
+
+@pytest.mark.parametrize('refresh', [8, 0])
+def test_bn_statistics_refreshed_before_validation(refresh):
+    "Running BatchNorm statistics lag behind scales that shrink fast (the sparsity stage showed chance accuracy mid-way):"
+    "before each validation the callback re-estimates them on its last `refresh_bn` training inputs; 0 leaves fastai's averages"
+    from fastslim.prune import recalibrate_bn
+    from copy import deepcopy
+    set_seed(0)
+    rec = _LastInputs(8)
+    learn = quiet_fit(learner(digits_cnn(), [SparsityCallback(ratio=0.5, start=0.3, refresh_bn=refresh), rec]), 3, 1e-2)
+    again = recalibrate_bn(deepcopy(learn.model), [(x, None) for x in rec.xs], n_batches=8, n_inp=1)
+    bns = [(a, b) for a, b in zip(learn.model.modules(), again.modules()) if isinstance(a, nn.BatchNorm2d)]
+    same = all(torch.allclose(a.running_var, b.running_var, rtol=1e-4, atol=1e-6) and
+               torch.allclose(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-6) for a, b in bns)
+    assert same == bool(refresh)
