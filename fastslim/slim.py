@@ -446,14 +446,17 @@ class SlimRun:
             self.used.update(reg='steered to the budget' if steered else cb.reg, reg_final=getattr(cb, 'cur_reg', None) if steered else cb.reg)
         self.gammas_after = bn_scales(learn.model)
         self.st.finish('sparse', learn.model, record=bool(n), **self.record('sparse'))
-        if n: self.guard()
+        if n: self.guard(steered)
 
-    def guard(self):
+    def guard(self, steered:bool=False):
         "Warn (or, with `strict`, stop) when sparsity training lost more than `tolerance` against the dense network"
         dense, sparse, tol = self.st.records[0]['accuracy'], self.st.records[-1]['accuracy'], self.cfg.tolerance
         if dense - sparse <= tol: return
+        way_out = ("the strength was steered to the budget, so the stage ends as the pruned network: give more `sparse_epochs`, "
+                   "a milder target, or a larger `min_keep` (the floor of every group)") if steered else \
+                  "lower `reg`, raise `lr` less, or give more `sparse_epochs`"
         msg = (f"sparsity training cost {100*(dense - sparse):.1f} points ({dense:.2%} -> {sparse:.2%}), more than "
-               f"`tolerance`={tol:g}: lower `reg`, raise `lr` less, or give more `sparse_epochs`")
+               f"`tolerance`={tol:g}: {way_out}")
         if self.cfg.strict: raise SlimGuardError(msg + (f"; checkpoints in {self.st.path}" if self.st.path else ''))
         warnings.warn(f"learn.slim: {msg}")
 

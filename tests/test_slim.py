@@ -241,7 +241,10 @@ def test_sparsity_guard_warns_and_strict_stops(tmp_path, monkeypatch):
     learn = _dense(0, 2, cfg=[16, 'M', 32, 'M', 64])
     sd = _state(learn.model)
     kw = dict(target_macs=0.5, sparse_epochs=1, prune_epochs=0, finetune_epochs=0)
-    with pytest.warns(UserWarning, match='sparsity training cost'): _slim(copy.deepcopy(learn), 'slimming', **kw)
+    with pytest.warns(UserWarning, match='sparsity training cost.*steered to the budget.*`min_keep`'): _slim(copy.deepcopy(learn), 'slimming', **kw)
+    class FixedRuin(Ruin): reg = 0.1   # a fixed strength: the advice is about `reg`
+    monkeypatch.setattr(S.METHODS['slimming'], 'sparsity_cb', lambda cfg: FixedRuin())
+    with pytest.warns(UserWarning, match='sparsity training cost.*lower `reg`'): _slim(copy.deepcopy(learn), 'slimming', **kw)
     with pytest.raises(fastslim.slim.SlimGuardError, match='points'): _slim(learn, 'slimming', strict=True, path=tmp_path, **kw)
     assert (tmp_path/'dense.pt').exists() and (tmp_path/'sparse.pt').exists() and not (tmp_path/'prune.pt').exists()
     assert _same(sd, _state(learn.model))
