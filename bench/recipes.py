@@ -179,8 +179,10 @@ def table(rows):
                 rf = [r for r in rt if r['labels'] == frac]
                 if not rf: continue
                 acc = {rc: {r['seed']: r['acc'] for r in rf if r['recipe'] == rc} for rc in recipes}
-                cell = lambda v: f"{100*np.mean(v):>7.2f}±{100*np.std(v):<5.2f}" if v else f"{'-':>13}"
-                means = {rc: np.mean(list(v.values())) for rc, v in acc.items() if v}
+                n = len({r['seed'] for r in rf})
+                cell = lambda v: (f"{'-':>13}" if not v else f"{100*np.mean(v):>7.2f}±{100*np.std(v):<5.2f}" if len(v) == n
+                                  else f"{100*np.mean(v):>7.2f} (n={len(v)})")
+                means = {rc: np.mean(list(v.values())) for rc, v in acc.items() if len(v) == n}   # the winner among complete cells
                 win = max(means, key=means.get)
                 d = lambda rc: ' '.join(f"{100*(acc[rc][s]-acc['plain'][s]):+5.2f}" for s in seeds if s in acc[rc] and s in acc['plain'])
                 dm = lambda rc: (f" (mean {100*(means[rc]-means['plain']):+.2f})" if rc in means and 'plain' in means else '')
