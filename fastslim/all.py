@@ -23,5 +23,5 @@ from .slim import *
 from .export import *
 from .quantize import *
 from .search import *
-from .latency import LatencyModel, OrtTimer, TorchTimer, latency_cache_dir, check_latency_kw
+from .latency import LatencyModel, OrtTimer, TorchTimer, latency_cache_dir
 __all__ = [o for o in dir() if not o.startswith('_')]
