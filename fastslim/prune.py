@@ -233,9 +233,10 @@ class PruneCallback(Callback):
 # %% ../nbs/31_prune.ipynb #27fad76b
 def recalibrate_bn(model:nn.Module, dl, n_batches:int=20,
                    n_inp:int|None=None, # inputs per batch (default: the loader's `n_inp`, else all but the last item)
+                   bns:list|None=None, # only these BatchNorm layers (default: every one of `model` that tracks running statistics)
                   ):
-    "Re-estimate the running statistics of every BatchNorm of `model` on `n_batches` batches of `dl` (no training)"
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    "Re-estimate the running statistics of every BatchNorm of `model` (or of `bns`) on `n_batches` batches of `dl` (no training)"
+    if bns is None: bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns: return model
     state = {m: (m.momentum, m.training) for m in bns}
     dev = model_device(model)

@@ -155,10 +155,14 @@ class PenaltyCallback(Callback):
     def after_cancel_step(self): self._stepped = False   # a step skipped (fp16 overflow) or cancelled: nothing to follow
     def after_batch(self):
         "Keep the last `refresh_bn` training inputs (references to the batches fastai already built, nothing copied)"
-        if self.refresh_bn: self._recent = (self._recent + [tuple(self.learn.xb)])[-self.refresh_bn:]
+        if not self.refresh_bn: return
+        if not self._recent:   # the BatchNorms this epoch trains: frozen ones (fastai's `BnFreeze`, `train_bn=False`) keep their statistics
+            self._bns = [m for m in self.net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.training]
+        self._recent = (self._recent + [tuple(self.learn.xb)])[-self.refresh_bn:]
     def before_validate(self):
-        "Re-estimate BatchNorm statistics on the last training inputs: running averages lag behind shrinking scales"
-        if self._recent: recalibrate_bn(self.net, [(*xb, None) for xb in self._recent], n_batches=len(self._recent), n_inp=len(self._recent[0]))
+        "Re-estimate the trained BatchNorms' statistics on the last training inputs: running averages lag behind shrinking scales"
+        if self._recent and self._bns:
+            recalibrate_bn(self.net, [(*xb, None) for xb in self._recent], len(self._recent), n_inp=len(self._recent[0]), bns=self._bns)
         self._recent = []
     def _record(self, pen): self._pen, self._n, self.n_steps = self._pen + pen, self._n + 1, self.n_steps + 1
     def _penalty(self): return float(self._pen) / self._n if self._n else 0.

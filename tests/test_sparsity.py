@@ -584,3 +584,17 @@ def test_bn_statistics_refreshed_before_validation(refresh):
     same = all(torch.allclose(a.running_var, b.running_var, rtol=1e-4, atol=1e-6) and
                torch.allclose(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-6) for a, b in bns)
     assert same == bool(refresh)
+
+def test_bn_refresh_leaves_frozen_batchnorms_alone():
+    "A BatchNorm the user froze (fastai's `BnFreeze` on a layer without gradients) keeps its statistics; the trained ones are refreshed"
+    from fastai.callback.training import BnFreeze
+    set_seed(0)
+    model = digits_cnn()
+    frozen = model[1]
+    for p in frozen.parameters(): p.requires_grad_(False)
+    before = frozen.running_mean.clone(), frozen.running_var.clone()
+    trained = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m is not frozen]
+    seen = [m.num_batches_tracked.clone() for m in trained]
+    quiet_fit(learner(model, [BnFreeze(), SparsityCallback(ratio=0.5, start=0.3)]), 2, 1e-2)
+    assert torch.equal(frozen.running_mean, before[0]) and torch.equal(frozen.running_var, before[1])
+    assert all(not torch.equal(m.num_batches_tracked, n) for m, n in zip(trained, seen))
