@@ -167,7 +167,7 @@ def latency_targets(name, rounds, size, log, cache_dir, tol=0.05, stat='median',
         plan.select(scores, target_latency=t, latency=lat, round_to=8)
         variants[t] = plan.compact().eval()
         widths = {g.name: g.n_keep for g in plan.groups}
-        info[t] = dict(rounds=plan.latency_rounds, kept=next((o for o in plan.latency_rounds if o['widths'] == widths), plan.latency_rounds[-1]), seconds=time.perf_counter() - t0, macs=count_macs(variants[t], x1) / count_macs(dense, x1))
+        info[t] = dict(rounds=plan.latency_rounds, kept=next((o for o in reversed(plan.latency_rounds) if o['widths'] == widths), plan.latency_rounds[-1]), seconds=time.perf_counter() - t0, macs=count_macs(variants[t], x1) / count_macs(dense, x1))
         log(f"  {name}: target_latency={t} in {info[t]['seconds']:.0f} s, rounds (predicted goal, predicted, measured): "
             + ', '.join(f"({o['predicted_goal']:.3f}, {o['predicted']:.3f}, {o['measured']:.3f})" for o in plan.latency_rounds))
     with tempfile.TemporaryDirectory() as tmp:
