@@ -75,7 +75,7 @@ def count_params(model:nn.Module, trainable:bool=False):
 
 # %% ../nbs/00_core.ipynb #54628501
 defaults = SimpleNamespace(
-    min_keep = 0.1,     # share (or count) of channels every group keeps: a global threshold never empties a layer
+    min_keep = 0.1,     # share (or count) of channels every group keeps (a share: at least 2): a global threshold never empties a layer
     verify   = 'auto',  # compare the compacted model's outputs with the masked one ('runs' only with LayerNorm/GroupNorm)
     reg      = None,    # sparsity strength: None steers it to the pruning budget
 )

@@ -95,11 +95,11 @@ class ChannelGroup:
         return math.lcm(check_round_to(round_to), w) // w
 
     def floor_units(self,
-                    min_keep:int|float, # channels to keep: a count, or a fraction of the group
+                    min_keep:int|float, # channels to keep: a count, or a fraction of the group (at least 2 channels)
                     round_to:int=1, # kept widths are multiples of this (see `round_units`)
                    ):
         "Units this group keeps whatever the selection: `min_keep` channels, rounded up to whole units and to a multiple of `round_to` (the whole group when none fits)"
-        k = max(1, math.ceil(min_keep*self.size)) if isinstance(min_keep, float) else int(min_keep)
+        k = max(min(2, self.size), math.ceil(min_keep*self.size)) if isinstance(min_keep, float) else int(min_keep)
         if k > self.size: raise ValueError(f"`min_keep`={min_keep} is larger than group {self.name!r}, which has {self.size} channels")
         q = self.round_units(round_to)
         return min(self.period, math.ceil(math.ceil(k / self.unit_width) / q) * q)
