@@ -1,5 +1,5 @@
 "The slim pipeline end to end on scikit-learn's digits: accuracy and MACs that land, every method, resume, bad input."
-import copy
+import copy, warnings
 import pytest, torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy
@@ -376,3 +376,14 @@ def test_latency_config_round_trip():
     assert 'target_latency' not in SlimConfig('l1', target_macs=0.5).fingerprint()   # runs saved before the field existed still resume
     cb = fastslim.slim.METHODS['l1'].callback(cfg)
     assert cb.target_latency == '2.5ms' and cb.latency_kw == dict(runtime='torch', threads=2) and cb.round_to == 8
+
+@pytest.mark.parametrize('min_keep,narrowest', [(None, 2), (1, 1)])
+def test_default_floor_never_leaves_a_one_channel_layer(min_keep, narrowest):
+    "An unreachable budget puts every group at its floor: the default fraction keeps 2 channels of an 8-wide stage, a count of 1 keeps 1"
+    learn = _dense(0, 1, model=ResNet(depth=14, in_channels=1, stem_width=8, stage_widths=[8, 16, 32]))
+    kw = {} if min_keep is None else dict(min_keep=min_keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # the budget is out of reach on purpose
+        _slim(learn, 'l1', target_macs=0.01, prune_epochs=0, finetune_epochs=1, **kw)
+    widths = [m.out_channels for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert min(widths) == narrowest, widths

@@ -15,10 +15,12 @@ from .budget import PlanError
 from .tp_compat import group_of, probe_removed, is_out
 
 # %% auto #0
-__all__ = ['KEEP_BUF', 'WEIGHT_MASK_BUF', 'check_min_keep', 'check_round_to', 'ChannelGroup', 'bn_members']
+__all__ = ['KEEP_BUF', 'WEIGHT_MASK_BUF', 'MIN_SHARE_CHANNELS', 'check_min_keep', 'check_round_to', 'ChannelGroup', 'bn_members']
 
 # %% ../../nbs/02d_plan.group.ipynb #2bc4d59e
 KEEP_BUF, WEIGHT_MASK_BUF = 'slim_keep', 'slim_weight_mask'   # the buffers holding channel and weight masks
+
+MIN_SHARE_CHANNELS = 2   # the fewest channels a fractional `min_keep` keeps (a narrower group keeps all of them)
 
 def check_min_keep(v):
     "`v` if it is a channel count >= 1 or a fraction in [0, 1), else a `ValueError` naming `min_keep`"
@@ -99,7 +101,7 @@ class ChannelGroup:
                     round_to:int=1, # kept widths are multiples of this (see `round_units`)
                    ):
         "Units this group keeps whatever the selection: `min_keep` channels, rounded up to whole units and to a multiple of `round_to` (the whole group when none fits)"
-        k = max(min(2, self.size), math.ceil(min_keep*self.size)) if isinstance(min_keep, float) else int(min_keep)
+        k = max(min(MIN_SHARE_CHANNELS, self.size), math.ceil(min_keep*self.size)) if isinstance(min_keep, float) else int(min_keep)
         if k > self.size: raise ValueError(f"`min_keep`={min_keep} is larger than group {self.name!r}, which has {self.size} channels")
         q = self.round_units(round_to)
         return min(self.period, math.ceil(math.ceil(k / self.unit_width) / q) * q)
