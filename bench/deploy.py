@@ -19,6 +19,7 @@ PyTorch and in onnxruntime, both stated.
 
     python bench/deploy.py                       # vgg and resnet20, about 25 minutes on one core
     python bench/deploy.py --nets timm_resnet18  # timm's ResNet-18 (in_chans=1)
+    python bench/deploy.py --kernels             # ORT int8 formats against fp32 at conv widths 8-64, a minute
 """
 import contextlib, copy, statistics, tempfile, time
 from pathlib import Path
@@ -145,6 +146,53 @@ def time_onnx(folder, dls, n, threads, rounds=5):
                      f"{med[base, 32, 'cpu'] / med[k, 32, 'cpu'] if base in sess else float('nan'):20.2f}")
     return '\n'.join(lines)
 
+def cpu_flags():
+    "The int8-relevant x86 instruction sets this CPU reports (AVX2, AVX-512, VNNI), from /proc/cpuinfo"
+    try: flags = set(next(l for l in open('/proc/cpuinfo') if l.startswith('flags')).split(':')[1].split())
+    except (OSError, StopIteration): return 'unknown'
+    return ', '.join(f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx_vnni', 'amx_int8') if f in flags) or 'none of avx2/avx512/vnni'
+
+KERNEL_FORMATS = {   # ONNX Runtime's static quantisation settings a user could pick
+    'QDQ u8s8 per-channel': dict(fmt='QDQ', act='QUInt8', w='QInt8', pc=True),   # fastslim's (`quantize_onnx`)
+    'QDQ u8s8 per-tensor': dict(fmt='QDQ', act='QUInt8', w='QInt8', pc=False),
+    'QDQ s8s8 per-channel': dict(fmt='QDQ', act='QInt8', w='QInt8', pc=True),
+    'QDQ u8u8 per-channel': dict(fmt='QDQ', act='QUInt8', w='QUInt8', pc=True),
+    'QOperator u8s8 per-channel': dict(fmt='QOperator', act='QUInt8', w='QInt8', pc=True)}
+
+def kernel_table(widths=(8, 16, 32, 64), n=15, bs=32, hw=28):
+    "Four 3x3 conv+ReLU layers of each width at `hw`x`hw`, batch `bs`: fp32 against every ORT int8 format, the thread's CPU ms"
+    from onnxruntime.quantization import quantize_static, CalibrationDataReader, QuantFormat, QuantType
+    from fastslim.export import ort_session
+    class Calib(CalibrationDataReader):
+        def __init__(self, c): self.it = iter([{'x': torch.randn(bs, c, hw, hw).numpy()} for _ in range(4)])
+        def get_next(self): return next(self.it, None)
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        for c in widths:
+            torch.manual_seed(0)
+            m = nn.Sequential(*[nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()) for _ in range(4)]).eval()
+            fp = Path(d)/f'fp32_{c}.onnx'
+            torch.onnx.export(m, (torch.randn(bs, c, hw, hw),), fp, input_names=['x'], output_names=['y'], dynamo=False, opset_version=17)
+            files = {'fp32': fp}
+            for k, f in KERNEL_FORMATS.items():
+                files[k] = Path(d)/f'{k.replace(" ", "_")}_{c}.onnx'
+                quantize_static(str(fp), str(files[k]), Calib(c), quant_format=getattr(QuantFormat, f['fmt']), per_channel=f['pc'],
+                                activation_type=getattr(QuantType, f['act']), weight_type=getattr(QuantType, f['w']))
+            sess, x = {k: ort_session(f) for k, f in files.items()}, torch.randn(bs, c, hw, hw).numpy()
+            t = {k: [] for k in sess}
+            for r in range(n + 1):   # interleaved; the first round warms up
+                for k, s in sess.items():
+                    c0 = time.thread_time(); s.run(None, {'x': x}); c1 = time.thread_time()
+                    if r: t[k].append(c1 - c0)
+            rows[c] = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+    head = f"{'format':<28}" + ''.join(f"{f'{c} ch':>16}" for c in widths)
+    lines = [f"## int8 kernels: four 3x3 convs, {hw}x{hw}, batch {bs}, one thread; the thread's CPU ms, median of {n} "
+             f"(int8 / fp32 in brackets); CPU: {cpu_flags()}", head, '-'*len(head)]
+    for k in ['fp32', *KERNEL_FORMATS]:
+        lines.append(f"{k:<28}" + ''.join(f"{rows[c][k]:9.2f}" + ('' if k == 'fp32' else f" ({rows[c][k] / rows[c]['fp32']:.2f})").rjust(7)
+                                          if k != 'fp32' else f"{rows[c][k]:9.2f}       " for c in widths))
+    return '\n'.join(lines)
+
 @call_parse
 def main(
     data:str=str(ROOT.parent/'shared'/'data'/'mnist10k.npz'), # MNIST .npz (x uint8 N,28,28; y); x[:8000] trains
@@ -159,9 +207,14 @@ def main(
     seeds:int=2, # QAT runs per variant (seeds 0..seeds-1): accuracy mean and spread
     keep:str=None, # keep the ONNX files in this folder (one subfolder a network) instead of a temporary one
     time_only:str=None, # re-time the ONNX files kept in these comma-separated folders (see `keep`), no training
+    kernels:bool=False, # only time ORT's int8 formats against fp32 on plain conv stacks of widths 8-64 (why narrow nets gain nothing from int8 on CPUs without VNNI)
 ):
     "Dense, slim fp32, slim int8 (PTQ two ways, QAT with and without the teacher): the deployment table of each network"
     t0 = time.time()
+    if kernels:
+        torch.set_num_threads(threads)
+        print(f"# bench/deploy.py --kernels ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
+        print(kernel_table(n=n)); return
     bad = [] if time_only else [k for k in nets.split(',') if k not in NETS]
     if bad: raise SystemExit(f"--nets: unknown network(s) {bad}; choose from {list(NETS)}")
     torch.set_num_threads(threads)
