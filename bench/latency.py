@@ -78,16 +78,18 @@ def tp_at_macs(make, x, target, round_to, dense_macs, tol=0.005, iters=12):
         lo, hi = (r, hi) if f > target else (lo, r)
     return best
 
-def timers(model, x1, x8, tmp, name):
-    "One timing function per measurement: each call times 3 runs of the variant and returns their median"
-    p = Path(tmp)/f'{name}.onnx'
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.thread_time}   # one thread runs on the calling thread: its CPU time is the run's compute
+
+def timers(model, x1, x8, tmp, name, clock='wall'):
+    "One timing function per measurement: each call times 3 runs of the variant on `clock` and returns their median"
+    p, c = Path(tmp)/f'{name}.onnx', CLOCKS[clock]
     export_onnx(model, p, x8[:2])
     sess = ort_session(p, threads=1)
     for x in (x1, x8): onnx_latency(sess, x, n=1, warmup=2); cpu_latency(model, x, n=1, warmup=2)
-    return {'ort bs1': lambda: onnx_latency(sess, x1, n=3, warmup=0), 'ort bs8': lambda: onnx_latency(sess, x8, n=3, warmup=0),
-            'torch bs1': lambda: cpu_latency(model, x1, n=3, warmup=0), 'torch bs8': lambda: cpu_latency(model, x8, n=3, warmup=0)}
+    return {'ort bs1': lambda: onnx_latency(sess, x1, n=3, warmup=0, clock=c), 'ort bs8': lambda: onnx_latency(sess, x8, n=3, warmup=0, clock=c),
+            'torch bs1': lambda: cpu_latency(model, x1, n=3, warmup=0, clock=c), 'torch bs8': lambda: cpu_latency(model, x8, n=3, warmup=0, clock=c)}
 
-def bench_model(name, rounds, size, log):
+def bench_model(name, rounds, size, log, clock='wall'):
     make, kind = MODELS[name]
     side = 32 if kind == 'cifar' else size
     torch.manual_seed(0)
@@ -104,7 +106,7 @@ def bench_model(name, rounds, size, log):
             variants[('torch-pruning', target, r)] = m
             log(f"  {name}: pruned at MACs {target} round_to={r} in {time.perf_counter() - t0:.0f} s (torch-pruning ratio {ratio:.3f} -> MACs {f:.3f})")
     with tempfile.TemporaryDirectory() as tmp:
-        fns = {k: timers(m, x1, x8, tmp, f'v{i}') for i, (k, m) in enumerate(variants.items())}
+        fns = {k: timers(m, x1, x8, tmp, f'v{i}', clock) for i, (k, m) in enumerate(variants.items())}
         times = {k: {t: [] for t in TIMINGS} for k in variants}
         keys = list(variants)
         t0 = time.perf_counter()
@@ -219,6 +221,7 @@ def main(
     size:int=96, # input side of the ImageNet models (ResNet-56 runs at 32)
     rounds:int=15, # interleaved timing rounds (3 runs each; the median over rounds is reported)
     out:str='bench/results/latency.txt', # where the table goes ('' for nowhere)
+    clock:str='wall', # MACs part: 'wall' (perf_counter) or 'cpu' (the thread's CPU time: other processes do not inflate it)
     part:str='macs', # 'macs' (MACs targets vs Torch-Pruning), 'latency' (target_latency budgets) or 'all'
     cache:str='', # latency-table cache folder ('' for a fresh temporary one, so the measurement cost is real)
     stat:str='median', # latency targets: what a timing reports of its runs, 'median' or 'min' (steadier on a shared machine)
@@ -242,9 +245,10 @@ def main(
         if part == 'latency': return
         t0 = time.perf_counter()
     rows = []
-    for name in models.split(','): rows += bench_model(name, rounds, size, log)
+    if clock not in CLOCKS: raise ValueError(f"`clock` must be one of {list(CLOCKS)}, got {clock!r}")
+    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock)
     lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x 3 runs (medians)", '',
+             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x 3 runs (medians), {clock} clock", '',
              'latency columns: pruned / dense latency (lower is faster); MACs: pruned / dense; x8 widths: share of conv/linear widths that are multiples of 8',
              ''] + table(rows) + [''] + verdicts(rows) + ['', f'wall time {time.perf_counter() - t0:.0f} s']
     dense = [r for r in rows if r['method'] == 'dense']
