@@ -13,7 +13,9 @@ Measured: MACs ratio (fastslim's counter for both), the share of conv/linear out
 and latency / dense latency in onnxruntime (CPU, 1 thread, via `fastslim.export.export_onnx` + `onnx_latency`) at
 batch 1 and 8, and in PyTorch eager (`fastslim.core.cpu_latency`, 1 thread) at batch 1 and 8. Timings are
 interleaved: every round times every variant of a model once (the dense one included, order rotating), and the
-median over rounds is reported, so a machine shared with other jobs slows all variants alike.
+median over rounds of each round's pruned / dense ratio is reported (the goal line adds the rounds' 25-75% range), so
+a machine shared with other jobs slows all variants alike. `--warm` untimed runs before each timing re-warm the caches
+the other variants took; `--clock cpu` times the thread's CPU time instead of the wall clock.
 
 Latency targets (`--part latency`, or `all`): for budgets 0.5 and 0.25 of the dense latency in onnxruntime (CPU, 1 thread,
 batch 1), `fastslim.latency.LatencyModel` measures its per-group tables (a fresh cache folder: the cost reported is a real
@@ -80,16 +82,17 @@ def tp_at_macs(make, x, target, round_to, dense_macs, tol=0.005, iters=12):
 
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.thread_time}   # one thread runs on the calling thread: its CPU time is the run's compute
 
-def timers(model, x1, x8, tmp, name, clock='wall'):
-    "One timing function per measurement: each call times 3 runs of the variant on `clock` and returns their median"
+def timers(model, x1, x8, tmp, name, clock='wall', runs=3, warm=0):
+    "One timing function per measurement: each call runs the variant `warm` times untimed (its caches warm again after the others ran), then times `runs` runs on `clock` and returns their median"
     p, c = Path(tmp)/f'{name}.onnx', CLOCKS[clock]
     export_onnx(model, p, x8[:2])
     sess = ort_session(p, threads=1)
     for x in (x1, x8): onnx_latency(sess, x, n=1, warmup=2); cpu_latency(model, x, n=1, warmup=2)
-    return {'ort bs1': lambda: onnx_latency(sess, x1, n=3, warmup=0, clock=c), 'ort bs8': lambda: onnx_latency(sess, x8, n=3, warmup=0, clock=c),
-            'torch bs1': lambda: cpu_latency(model, x1, n=3, warmup=0, clock=c), 'torch bs8': lambda: cpu_latency(model, x8, n=3, warmup=0, clock=c)}
+    kw = dict(n=runs, warmup=warm, clock=c)
+    return {'ort bs1': lambda: onnx_latency(sess, x1, **kw), 'ort bs8': lambda: onnx_latency(sess, x8, **kw),
+            'torch bs1': lambda: cpu_latency(model, x1, **kw), 'torch bs8': lambda: cpu_latency(model, x8, **kw)}
 
-def bench_model(name, rounds, size, log, clock='wall'):
+def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0):
     make, kind = MODELS[name]
     side = 32 if kind == 'cifar' else size
     torch.manual_seed(0)
@@ -106,7 +109,7 @@ def bench_model(name, rounds, size, log, clock='wall'):
             variants[('torch-pruning', target, r)] = m
             log(f"  {name}: pruned at MACs {target} round_to={r} in {time.perf_counter() - t0:.0f} s (torch-pruning ratio {ratio:.3f} -> MACs {f:.3f})")
     with tempfile.TemporaryDirectory() as tmp:
-        fns = {k: timers(m, x1, x8, tmp, f'v{i}', clock) for i, (k, m) in enumerate(variants.items())}
+        fns = {k: timers(m, x1, x8, tmp, f'v{i}', clock, runs, warm) for i, (k, m) in enumerate(variants.items())}
         times = {k: {t: [] for t in TIMINGS} for k in variants}
         keys = list(variants)
         t0 = time.perf_counter()
@@ -115,14 +118,20 @@ def bench_model(name, rounds, size, log, clock='wall'):
             for t in TIMINGS:
                 for k in order: times[k][t].append(fns[k][t]())
         log(f"  {name}: {rounds} interleaved rounds in {time.perf_counter() - t0:.0f} s")
-    med = {k: {t: statistics.median(v) for t, v in d.items()} for k, d in times.items()}
+    base = times[('dense', None, None)]
+    rel = {k: {t: [a / b for a, b in zip(v, base[t])] for t, v in d.items()} for k, d in times.items()}   # per round: the same minutes
     rows = []
     for k, m in variants.items():
         macs = count_macs(m, x1) / dense_macs
         rows.append(dict(model=f'{name} {side}px', method=k[0], target=k[1], round_to=k[2], macs=macs, mult8=widths_mult(m),
-                         **{t: med[k][t] / med[('dense', None, None)][t] for t in TIMINGS},
-                         dense_ms={t: 1e3 * med[('dense', None, None)][t] for t in TIMINGS}))
+                         **{t: statistics.median(rel[k][t]) for t in TIMINGS}, spread={t: quartiles(rel[k][t]) for t in TIMINGS},
+                         dense_ms={t: 1e3 * statistics.median(base[t]) for t in TIMINGS}))
     return rows
+
+def quartiles(v):
+    "The 25% and 75% points of `v`"
+    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    return q[0], q[2]
 
 def table(rows):
     head = (f"{'model':18} {'method':14} {'MACs tgt':>8} {'round_to':>8} {'MACs':>6} {'x8 widths':>9} "
@@ -141,7 +150,9 @@ def verdicts(rows):
         rs = {(r['method'], r['target'], r['round_to']): r for r in rows if r['model'] == model}
         fs = rs[('fastslim', 0.5, 8)]
         eff = fs['macs'] / fs['ort bs8']
-        out.append(f"{model}: round_to=8 at MACs 0.5, onnxruntime bs8 speed-up / MACs reduction = {eff:.2f} (goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'})")
+        lo, hi = (fs['macs'] / q for q in reversed(fs['spread']['ort bs8']))
+        out.append(f"{model}: round_to=8 at MACs 0.5, onnxruntime bs8 speed-up / MACs reduction = {eff:.2f} "
+                   f"(rounds' 25-75%: {lo:.2f}-{hi:.2f}; goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'})")
         for target in (0.5, 0.25):
             for r in (None, 8):
                 a, b = rs[('fastslim', target, r)], rs[('torch-pruning', target, r)]
@@ -219,8 +230,10 @@ def latency_lines(rows, rounds, wall, stat='median', n=10):
 def main(
     models:str='resnet50,mobilenet_v2,resnet56', # comma-separated names from MODELS
     size:int=96, # input side of the ImageNet models (ResNet-56 runs at 32)
-    rounds:int=15, # interleaved timing rounds (3 runs each; the median over rounds is reported)
+    rounds:int=15, # interleaved timing rounds (`runs` runs each; the median over rounds is reported)
     out:str='bench/results/latency.txt', # where the table goes ('' for nowhere)
+    runs:int=3, # MACs part: timed runs per variant and round (their median is the round's value)
+    warm:int=0, # MACs part: untimed runs before them, each round (the other variants ran in between and took the caches)
     clock:str='wall', # MACs part: 'wall' (perf_counter) or 'cpu' (the thread's CPU time: other processes do not inflate it)
     part:str='macs', # 'macs' (MACs targets vs Torch-Pruning), 'latency' (target_latency budgets) or 'all'
     cache:str='', # latency-table cache folder ('' for a fresh temporary one, so the measurement cost is real)
@@ -246,10 +259,10 @@ def main(
         t0 = time.perf_counter()
     rows = []
     if clock not in CLOCKS: raise ValueError(f"`clock` must be one of {list(CLOCKS)}, got {clock!r}")
-    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock)
+    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock, runs, warm)
     lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x 3 runs (medians), {clock} clock", '',
-             'latency columns: pruned / dense latency (lower is faster); MACs: pruned / dense; x8 widths: share of conv/linear widths that are multiples of 8',
+             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x {runs} runs after {warm} warm-up (medians), {clock} clock", '',
+             'latency columns: pruned / dense latency, the median of the per-round ratios (lower is faster); MACs: pruned / dense; x8 widths: share of conv/linear widths that are multiples of 8',
              ''] + table(rows) + [''] + verdicts(rows) + ['', f'wall time {time.perf_counter() - t0:.0f} s']
     dense = [r for r in rows if r['method'] == 'dense']
     lines += [f"dense latency, {r['model']}: " + ', '.join(f"{t} {v:.2f} ms" for t, v in r['dense_ms'].items()) for r in dense]
