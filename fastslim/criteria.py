@@ -270,12 +270,15 @@ class _Reconstructing(Criterion):
         return plan
 
 # %% ../nbs/30_criteria.ipynb #44bad365
-def bn_scores(plan:SlimPlan) -> dict:
-    "Network Slimming's score: |gamma| of the BatchNorm that follows each group's root (mean when several do)"
+def bn_scores(plan:SlimPlan,
+              reduce:str='sum', # how a group's several BatchNorms combine: 'sum' (a residual stream's channel is scaled in every block) or 'mean'
+             ) -> dict:
+    "Network Slimming's score: |gamma| of the BatchNorms coupled to each group's channels, summed (or averaged) over them"
+    check_choice(reduce, ('sum', 'mean'), 'reduce')
     res = {}
     for g in plan.groups:
         bns = bn_members(g)
-        if bns: res[g.name] = torch.stack([b.weight.detach().abs().float().cpu()[i] for b, i in bns]).mean(0)
+        if bns: res[g.name] = getattr(torch.stack([b.weight.detach().abs().float().cpu()[i] for b, i in bns]), reduce)(0)
     if not res: raise ValueError("the model has no BatchNorm coupled to a prunable group: BN-scale scores need BatchNorm")
     return res
 
@@ -372,10 +375,10 @@ class Regression(_Reconstructing):
 # %% ../nbs/30_criteria.ipynb #2f79ea71
 @register_criterion
 class Slimming(Criterion):
-    "Network Slimming: |gamma| of the BatchNorm after each group's root, one global threshold (Liu et al. 2017)"
+    "Network Slimming: |gamma| of the BatchNorms of each group (summed), one global threshold (Liu et al. 2017)"
     name, default_scope = 'slimming', 'global'
-    def __init__(self, normalize:bool=False): super().__init__(normalize)
-    def _scores(self, plan, dls): return bn_scores(plan)
+    def __init__(self, normalize:bool=False, reduce:str='sum'): super().__init__(normalize); self.reduce = check_choice(reduce, ('sum', 'mean'), 'reduce')
+    def _scores(self, plan, dls): return bn_scores(plan, self.reduce)
 
 @register_criterion
 class SoftFilter(Criterion):

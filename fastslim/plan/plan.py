@@ -224,10 +224,10 @@ class SlimPlan:
         return f"SlimPlan({type(self.model).__name__}: {len(self.groups)} groups, {k}/{n} channels kept)"
 
     # ---- scores: aliases of fastslim.criteria's functions (the README calls `plan.bn_scores()`)
-    def bn_scores(self):
-        "Network Slimming's score: |gamma| of the BatchNorm after each group's root (`fastslim.criteria.bn_scores`)"
+    def bn_scores(self, reduce:str='sum'):
+        "Network Slimming's score: |gamma| of the BatchNorms of each group, summed or averaged (`fastslim.criteria.bn_scores`)"
         from fastslim.criteria import bn_scores
-        return bn_scores(self)
+        return bn_scores(self, reduce)
 
     def magnitude_scores(self, p:int=1, layers:str='root'):
         "L`p` norm of each root filter ('root') or of all coupled weights ('all', p=2) (`fastslim.criteria.magnitude_scores`)"
