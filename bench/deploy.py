@@ -188,9 +188,8 @@ def kernel_table(widths=(8, 16, 32, 64), n=15, bs=32, hw=28):
     head = f"{'format':<28}" + ''.join(f"{f'{c} ch':>16}" for c in widths)
     lines = [f"## int8 kernels: four 3x3 convs, {hw}x{hw}, batch {bs}, one thread; the thread's CPU ms, median of {n} "
              f"(int8 / fp32 in brackets); CPU: {cpu_flags()}", head, '-'*len(head)]
-    for k in ['fp32', *KERNEL_FORMATS]:
-        lines.append(f"{k:<28}" + ''.join(f"{rows[c][k]:9.2f}" + ('' if k == 'fp32' else f" ({rows[c][k] / rows[c]['fp32']:.2f})").rjust(7)
-                                          if k != 'fp32' else f"{rows[c][k]:9.2f}       " for c in widths))
+    def cell(c, k): return f"{rows[c][k]:9.2f}" + ('' if k == 'fp32' else f" ({rows[c][k] / rows[c]['fp32']:.2f})").rjust(7)
+    lines += [f"{k:<28}" + ''.join(cell(c, k) for c in widths) for k in ['fp32', *KERNEL_FORMATS]]
     return '\n'.join(lines)
 
 @call_parse

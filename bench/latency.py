@@ -244,6 +244,7 @@ def main(
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)
+    if clock not in CLOCKS: raise ValueError(f"`clock` must be one of {list(CLOCKS)}, got {clock!r}")
     if part not in ('macs', 'latency', 'all'): raise ValueError(f"`part` must be 'macs', 'latency' or 'all', got {part!r}")
     if part in ('latency', 'all'):
         with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +259,6 @@ def main(
         if part == 'latency': return
         t0 = time.perf_counter()
     rows = []
-    if clock not in CLOCKS: raise ValueError(f"`clock` must be one of {list(CLOCKS)}, got {clock!r}")
     for name in models.split(','): rows += bench_model(name, rounds, size, log, clock, runs, warm)
     lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
              f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x {runs} runs after {warm} warm-up (medians), {clock} clock", '',

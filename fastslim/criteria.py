@@ -22,7 +22,7 @@ from .distrib import sum_ranks, mean_ranks
 _all_ = ['select_per_group']   # moved to fastslim.plan.select, still importable from here
 
 # %% auto #0
-__all__ = ['Criterion', 'register_criterion', 'list_criteria', 'get_criterion', 'group_consumers', 'bn_scores',
+__all__ = ['BN_REDUCTIONS', 'Criterion', 'register_criterion', 'list_criteria', 'get_criterion', 'group_consumers', 'bn_scores',
            'magnitude_scores', 'l1_scores', 'l2_scores', 'L1Norm', 'thinet_order', 'ThiNet', 'lasso_order',
            'Regression', 'Slimming', 'SoftFilter', 'FPGM', 'Taylor', 'Magnitude', 'SSS', 'layer_error',
            'select_per_group']
@@ -270,11 +270,13 @@ class _Reconstructing(Criterion):
         return plan
 
 # %% ../nbs/30_criteria.ipynb #44bad365
+BN_REDUCTIONS = ('sum', 'mean')   # how `bn_scores` combines a group's BatchNorms
+
 def bn_scores(plan:SlimPlan,
               reduce:str='sum', # how a group's several BatchNorms combine: 'sum' (a residual stream's channel is scaled in every block) or 'mean'
              ) -> dict:
     "Network Slimming's score: |gamma| of the BatchNorms coupled to each group's channels, summed (or averaged) over them"
-    check_choice(reduce, ('sum', 'mean'), 'reduce')
+    check_choice(reduce, BN_REDUCTIONS, 'reduce')
     res = {}
     for g in plan.groups:
         bns = bn_members(g)
@@ -377,7 +379,7 @@ class Regression(_Reconstructing):
 class Slimming(Criterion):
     "Network Slimming: |gamma| of the BatchNorms of each group (summed), one global threshold (Liu et al. 2017)"
     name, default_scope = 'slimming', 'global'
-    def __init__(self, normalize:bool=False, reduce:str='sum'): super().__init__(normalize); self.reduce = check_choice(reduce, ('sum', 'mean'), 'reduce')
+    def __init__(self, normalize:bool=False, reduce:str='sum'): super().__init__(normalize); self.reduce = check_choice(reduce, BN_REDUCTIONS, 'reduce')
     def _scores(self, plan, dls): return bn_scores(plan, self.reduce)
 
 @register_criterion

@@ -285,3 +285,28 @@ def test_data_driven_criteria_in_prune_callback(name, dls):
     assert cb.log[-1]['total'] - cb.log[-1]['kept'] == round(0.4 * 144)
     assert masked_entries_zero(cb.plan)
 
+
+def test_slimming_sums_the_scales_of_a_residual_stream():
+    "On timm's fastslim ResNet-20, a stream channel scores the sum of its BatchNorms' |gamma|; with equal scales the streams outrank the blocks"
+    import timm, fastslim.models  # registers the CIFAR zoo with timm
+    from fastslim.plan.group import bn_members
+    net = timm.create_model('fastslim_resnet20_cifar', num_classes=10).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d): m.weight.uniform_(0.5, 1.5)
+    plan = SlimPlan(net, torch.randn(2, 3, 32, 32))
+    n_bns = {g.name: len(bn_members(g)) for g in plan.groups}
+    assert max(n_bns.values()) >= 4 and min(n_bns.values()) == 1      # streams (stem + blocks) and block-internal groups
+    sums, means = Slimming().scores(plan), Slimming(reduce='mean').scores(plan)
+    for g in plan.groups:
+        want = torch.stack([b.weight.detach().abs()[i] for b, i in bn_members(g)]).sum(0)
+        torch.testing.assert_close(sums[g.name], want)
+        torch.testing.assert_close(means[g.name], want / n_bns[g.name])
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d): m.weight.fill_(1.)
+    plan.select(Slimming().scores(plan), ratio=0.3)
+    cut = {g.name: int((~g.keep).sum()) for g in plan.groups}
+    assert all(cut[k] == 0 for k, v in n_bns.items() if v > 1)        # the streams keep every channel ...
+    assert sum(cut[k] for k, v in n_bns.items() if v == 1) > 0        # ... and the 30% comes from inside the blocks
+    with pytest.raises(ValueError, match='`reduce`'): Slimming(reduce='max')
