@@ -19,7 +19,8 @@ def _seed():
     yield
 
 def pytest_collection_modifyitems(config, items):
-    "Tests marked `slow` run only when FASTSLIM_TEST_FLAGS names `slow` (as notebook cells flagged `#| slow` do)"
+    "The docs-site tests go last, to build from the notebook runs kept by tests/test_notebooks.py; `slow` tests run only when FASTSLIM_TEST_FLAGS names `slow`"
+    items.sort(key=lambda i: i.path.name == 'test_docs_site.py')   # stable: every other test keeps its place
     if 'slow' in os.environ.get('FASTSLIM_TEST_FLAGS', '').split(): return
     skip = pytest.mark.skip(reason='slow: run with FASTSLIM_TEST_FLAGS=slow')
     for item in items:

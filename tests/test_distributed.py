@@ -17,6 +17,7 @@ from fastai.torch_core import set_seed
 from fastslim.all import (digits_dls, digits_folder, PruneCallback, DistillCallback, SparsityCallback, MaskCallback, plan_of, top1)
 from fastslim.distrib import unwrap
 from fastslim.test_utils import digits_cnn
+pytestmark = pytest.mark.xdist_group('distributed')   # the 2-rank runs (a module fixture) are launched once, on one worker
 
 pytest.importorskip('accelerate', reason='the `dist` extra (accelerate) is needed for fastai.distributed')
 WORKER = Path(__file__).with_name('dist_worker.py')

@@ -9,6 +9,7 @@ from fastslim.test_utils import digits_cnn, quiet_fit, valid_acc, state_hash
 pytest.importorskip('torchao')
 from fastslim.quantize import QuantizeCallback, QuantizeError
 from torchao.quantization.pt2e import FakeQuantizeBase
+pytestmark = pytest.mark.xdist_group('quantize')   # the trained and int8 fixtures (torchao's convert) are made once, on one worker
 
 warnings.filterwarnings('ignore')
 
@@ -59,13 +60,17 @@ def test_observers_and_batchnorm_freeze_on_schedule(trained):
     assert all(torch.equal(m, bn_after[0]) for m in bn_after)                 # running statistics frozen...
     assert not torch.equal(bn_before[0], bn_before[-1])                        # ...after moving while free
 
-def test_int8_result_runs_and_keeps_accuracy_with_the_teacher_untouched(trained):
-    model, fp32 = trained
-    teacher = fresh(model).model.eval()
+@pytest.fixture(scope='module')
+def int8(trained):
+    "One QAT run with the dense network as teacher, converted to int8 (torchao's convert is the slow part): shared by the tests of its result"
+    teacher = fresh(trained[0]).model.eval()
     h = state_hash(teacher)
-    learn = fresh(model)
-    cb = QuantizeCallback()
+    learn, cb = fresh(trained[0]), QuantizeCallback()
     quiet_fit(learn, 2, 1e-3, cbs=[cb, DistillCallback(teacher)])
+    return learn, cb, teacher, h
+
+def test_int8_result_runs_and_keeps_accuracy_with_the_teacher_untouched(trained, int8):
+    fp32, (learn, cb, teacher, h) = trained[1], int8
     assert state_hash(teacher) == h
     assert isinstance(learn.model, torch.fx.GraphModule) and learn.model is cb.quantized
     ops = {str(n.target) for n in learn.model.graph.nodes if n.op == 'call_function'}
@@ -93,12 +98,11 @@ def test_bad_input_is_refused_before_training(trained, case):
     with pytest.raises(ValueError, match=match): quiet_fit(learn, 1, 1e-3, cbs=cbs)
     assert state_hash(learn.model) == h
 
-def test_int8_onnx_agrees_with_pytorch_int8(trained, tmp_path):
+def test_int8_onnx_agrees_with_pytorch_int8(int8, tmp_path):
     pytest.importorskip('onnxruntime')
     import onnx
     from fastslim.quantize import export_int8_onnx
-    learn = fresh(trained[0])
-    quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback())
+    learn = int8[0]
     res = export_int8_onnx(learn.model, tmp_path/'int8.onnx', learn.dls)
     assert res['agreement'] >= 0.98 and res['n'] == len(learn.dls.valid_ds)   # 7-bit activations: no int16 saturation on AVX2
     assert {'QuantizeLinear', 'DequantizeLinear'} <= {n.op_type for n in onnx.load(tmp_path/'int8.onnx').graph.node}
@@ -173,10 +177,9 @@ def test_ptq_residual_adds_run_as_int8_in_onnxruntime(resnet, tmp_path):
     ops = _optimized_ops(tmp_path/'int8.onnx', tmp_path)
     assert ops['QLinearConv'] == sum(isinstance(m, nn.Conv2d) for m in resnet.modules()) and ops['QLinearAdd'] == 3, ops
 
-def test_int8_model_saves_and_loads(trained, tmp_path):
+def test_int8_model_saves_and_loads(int8, tmp_path):
     from fastslim.quantize import save_int8, load_int8
-    learn = fresh(trained[0])
-    quiet_fit(learn, 1, 1e-3, cbs=QuantizeCallback())
+    learn = int8[0]
     x = learn.dls.valid.one_batch()[0].cpu()
     p = save_int8(learn.model, tmp_path/'int8.pt2', x[:1])          # a batch of 1: the saved batch stays dynamic
     assert sorted(f.name for f in tmp_path.iterdir()) == ['int8.pt2']  # no temporary file left

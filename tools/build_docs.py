@@ -26,7 +26,8 @@ can tell whether `_docs/` is current.
     python tools/build_docs.py --engine pandoc --dest /tmp/site
 """
 from __future__ import annotations
-import base64, hashlib, html, json, os, re, shutil, subprocess, sys, tempfile
+import base64, fcntl, hashlib, html, json, os, re, shutil, subprocess, sys, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from fastcore.script import call_parse
 from fastcore.parallel import parallel
@@ -106,20 +107,73 @@ def is_current(dest=None, engine=None):
     s = json.loads(p.read_text())
     return s.get('hash') == build_hash() and engine in (None, s.get('engine'))
 
-# --- execute, then process with nbdev --------------------------------------------------------------------------------
-def _exec_and_proc(job, skip_flags):
-    "Run the scratch notebook `job[0]` with nbdev's runner, saving its outputs, then process it into `job[1]`"
-    src, dst = job
-    os.environ.setdefault('MPLBACKEND', 'Agg')
-    os.environ.setdefault('OMP_NUM_THREADS', '1')  # one torch thread per notebook, as under pytest-xdist
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # so show_doc can import `build_docs.ParamTableRenderer`
+# --- one execution per notebook, shared by the tests and the build ---------------------------------------------------
+RUNS = ROOT/'.nbruns'  # executed notebooks (gitignored): tests/test_notebooks.py keeps each green run here for the build
+DEPS = ('torch', 'torchvision', 'timm', 'fastai', 'fastcore', 'nbdev', 'torch-pruning', 'onnxruntime', 'torchao')
+
+def _version(pkg):
+    from importlib.metadata import version, PackageNotFoundError
+    try: return version(pkg)
+    except PackageNotFoundError: return '-'
+
+def run_key(rel, skip_flags, inputs=None):
+    "Name of the kept run of notebook `rel` (its path under `nbs/`): the site's inputs, the skipped flags, the installed versions"
+    parts = [inputs or build_hash(), rel, ' '.join(sorted(skip_flags)), *(f'{d}={_version(d)}' for d in DEPS)]
+    return f"{rel.replace('/', '__')}.{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.ipynb"
+
+@contextmanager
+def run_lock(key):
+    "Hold `key`'s lock: a build waits for the test that is running that notebook instead of running it a second time"
+    RUNS.mkdir(exist_ok=True)
+    with open(RUNS/f'{key}.lock', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+def keep_run(path, key):
+    "Keep the executed notebook at `path` as `key` (written atomically), dropping that notebook's older runs"
+    for old in RUNS.glob(key.rsplit('.', 2)[0] + '.*.ipynb*'):
+        if old.name != f'{key}.lock': old.unlink(missing_ok=True)
+    tmp = RUNS/f'.{key}.tmp'
+    shutil.copy2(path, tmp)
+    os.replace(tmp, RUNS/key)
+
+def execute_nb(path, skip_flags):
+    "Run the notebook at `path` in place as the site shows it (show_doc tables added), saving its outputs: (ok, seconds)"
     from nbdev.test import test_nb
+    os.environ.setdefault('MPLBACKEND', 'Agg')
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # so show_doc can import `build_docs.ParamTableRenderer`
+    prepare_nb(path)
+    return test_nb(path, skip_flags=skip_flags, save=True, basepath=ROOT)
+
+def run_nb(nb, skip_flags):
+    "Execute `nb` (a notebook under `nbs/`) in a hidden copy beside it, as the build would; keep the run if it is green"
+    nb = Path(nb).resolve()
+    key, copy = run_key(nb.relative_to(ROOT/'nbs').as_posix(), skip_flags), nb.with_name(f'.run-{nb.name}')
+    with run_lock(key):
+        shutil.copy2(nb, copy)
+        try:
+            ok, _ = execute_nb(copy, skip_flags)
+            if ok: keep_run(copy, key)
+        finally: copy.unlink(missing_ok=True)
+    return ok
+
+# --- execute (or reuse a kept run), then process with nbdev ----------------------------------------------------------
+def _exec_and_proc(job, skip_flags, inputs):
+    "Execute the scratch notebook `job[0]` (or copy the run the tests kept of it, `job[2]`), then process it into `job[1]`"
+    src, dst, rel = job
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # one torch thread per notebook, as under pytest-xdist
     from nbdev.serve_drv import main as proc_nb
     os.chdir(ROOT)  # nbdev reads the project's config from the working directory
-    prepare_nb(src)
-    ok, secs = test_nb(src, skip_flags=skip_flags, save=True, basepath=ROOT)
-    if not ok: return f'{src.name}: a cell failed (its traceback is above)'
-    print(f'  ran {src.name} in {secs:.1f}s', flush=True)
+    key = run_key(rel, skip_flags, inputs)
+    with run_lock(key):
+        if (RUNS/key).exists():
+            shutil.copy2(RUNS/key, src)
+            print(f'  reused the tests\' run of {src.name}', flush=True)
+        else:
+            ok, secs = execute_nb(src, skip_flags)
+            if not ok: return f'{src.name}: a cell failed (its traceback is above)'
+            print(f'  ran {src.name} in {secs:.1f}s', flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     dst.parent.mkdir(parents=True, exist_ok=True)
     try: proc_nb((src, dst, doc_filter()))
     except Exception as e: return f'{src.name}: nbdev could not process it: {e}'
@@ -132,11 +186,11 @@ def process_nbs(pages, work, n_workers):
     for f in ('pyproject.toml', 'settings.ini'):  # nbdev finds the project's config from the notebooks' folder
         if (ROOT/f).exists(): shutil.copy2(ROOT/f, work/f)
     skip = str(get_config(ROOT).tst_flags or '').split()
-    jobs = [(scratch/p['src'], proc/p['src']) for p in pages]
+    jobs = [(scratch/p['src'], proc/p['src'], p['src']) for p in pages]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import build_docs  # the workers are spawned: they find the job by this module's name, not as `__main__`
     # a fresh process per notebook: nothing one notebook imports or registers (e.g. timm models) leaks into the next
-    errs = [e for e in parallel(build_docs._exec_and_proc, jobs, skip_flags=skip, n_workers=n_workers, method='spawn',
+    errs = [e for e in parallel(build_docs._exec_and_proc, jobs, skip_flags=skip, inputs=build_hash(), n_workers=n_workers, method='spawn',
                                 max_tasks_per_child=1) if e]
     if errs: raise SystemExit('Docs build failed:\n  ' + '\n  '.join(errs))
     for p in scratch.rglob('*'):  # images that the notebooks' markdown points at

@@ -3,6 +3,7 @@ import os, sys
 import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from sweep import sweep, SUCCESS, FAILURE
+pytestmark = pytest.mark.xdist_group('zoo')   # the sweep (a module fixture) runs once, on one worker
 
 # mixed families: residual, depthwise/SE, channel shuffle, fire modules, LayerNorm CNN, ViT, hybrids, MLP-mixer;
 # and models that once crashed: attention-bias caches made with autograd (LeViT), a parameter view passed between
