@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT/'nbs'
 sys.path.insert(0, str(ROOT/'tools'))
 import build_docs
-pytestmark = pytest.mark.xdist_group('docs_site')   # one worker builds and checks the site; the other goes on with the other tests
+pytestmark = pytest.mark.xdist_group('docs_site')   # one worker builds and checks the site, last (`--no-loadscope-reorder` keeps conftest's order), from the notebook runs the tests kept
 
 # The page and callable whose signature and parameter table must render: (page, module, name).
 API = ('prune.html', 'fastslim.prune', 'PruneCallback')
