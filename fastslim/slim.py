@@ -81,6 +81,12 @@ class ChannelMethod(SlimMethod):
 
     def check(self, cfg): self.callback(cfg)
 
+    def sparsity_cb(self, cfg):
+        "Stage 1 as `SlimMethod` builds it; a steered BatchNorm penalty ranks the channels as stage 2's criterion does (its `reduce`)"
+        if self.sparsity != 'bn': return super().sparsity_cb(cfg)
+        reduce = getattr(self.callback(cfg).crit, 'reduce', 'sum')
+        return sparsity_callback('bn', ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, min_keep=cfg.min_keep, reduce=reduce)
+
     def prune(self, run):
         cb, cfg = self.callback(run.cfg), run.cfg
         if cfg.widths == 'search': return self.search(run)

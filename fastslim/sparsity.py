@@ -25,6 +25,7 @@ from .blocks import block_spec, end_path
 from .plan import SlimPlan, plan_of, bn_members
 from .distrib import unwrap, sync_state
 from .prune import recalibrate_bn
+from .criteria import BN_REDUCTIONS
 
 # %% auto #0
 __all__ = ['as_schedule', 'bn_layers', 'bn_scales', 'bn_sparsity', 'zeroed_bn_accuracy', 'PenaltyCallback', 'SparsityCallback',
@@ -197,6 +198,7 @@ class SparsityCallback(PenaltyCallback):
         target_macs:float=None, # Budget instead of `ratio`: MACs after pruning as a fraction of the dense MACs, in (0, 1)
         min_keep:int|float=None, # With a budget: the pruning's floor per group (default: `fastslim.core.defaults.min_keep`)
         settle:float=0.5,       # With a budget: last fraction of the stage in which the removed channels stay at zero
+        reduce:str='sum',       # With a budget and `target`='bn': how a group's BatchNorm scales combine in the ranking, as the pruning's `bn_scores`
         every:int=10,           # With a budget: optimizer steps between re-rankings of the channels to remove
         refresh_bn:int=8,       # Re-estimate BatchNorm statistics on this many recent training batches before each validation (0: off)
     ):
@@ -207,7 +209,7 @@ class SparsityCallback(PenaltyCallback):
         self.ratio, self.target_macs = _check_budget(ratio, target_macs)
         self.budget = self.ratio is not None or self.target_macs is not None
         self.reg = check_nonneg(reg, 'reg') if reg is not None else None if self.budget else 1e-4
-        self.settle = _check_settle(settle)
+        self.settle, self.reduce = _check_settle(settle), check_choice(reduce, BN_REDUCTIONS, 'reduce')
         if not (isinstance(every, int) and every >= 1): raise ValueError(f"`every` must be an int >= 1, got {every!r}")
         if plan is not None and target != 'groups': raise ValueError("`plan` is only used with `target`='groups'")
         store_attr('layers,plan,every')
@@ -279,7 +281,7 @@ class SparsityCallback(PenaltyCallback):
             mods = dict(self.net.named_modules())
             with torch.no_grad():
                 for n, b in bn_layers(plan.model).items(): b.weight.copy_(mods[n].weight.detach())
-            scores = plan.bn_scores()
+            scores = plan.bn_scores(self.reduce)
         else:
             want = {g.name for g in self.groups}
             scores = {k: v for k, v in plan.magnitude_scores(p=2, layers='all').items() if k in want}
@@ -406,7 +408,7 @@ class SparsityCallback(PenaltyCallback):
             share = float((h < self.near).float().mean()) if h.numel() else 1.
             if share < 0.9:
                 warnings.warn(f"SparsityCallback: the budget's {h.numel()} channels are not all near zero after {self.n_steps} "
-                              f"steps: only {share:.0%} are below {self.near:g} (strength reached {self.cur_reg:.3g}); "
+                              f"steps: only {share:.0%} are below {self.near:g} (strength reached {self.cur_reg or 0.:.3g}); "
                               f"train the sparsity stage longer or use a smaller `settle`")
             return
         if self.reg > 0 and self.near_zero() == 0:
@@ -560,7 +562,7 @@ class BlockSparsityCallback(PenaltyCallback):
             h = self.targeted()
             if h.numel() and not bool((h == 0).all()):
                 warnings.warn(f"BlockSparsityCallback: {int((h != 0).sum())} of the {h.numel()} blocks the budget removes "
-                              f"still have a nonzero scale after {self.n_steps} steps (strength reached {self.cur_reg:.3g}); "
+                              f"still have a nonzero scale after {self.n_steps} steps (strength reached {self.cur_reg or 0.:.3g}); "
                               f"train the sparsity stage longer or use a smaller `settle`")
             return
         if self.reg > 0 and not bool((self.scales() == 0).any()):

@@ -387,3 +387,10 @@ def test_default_floor_never_leaves_a_one_channel_layer(min_keep, narrowest):
         _slim(learn, 'l1', target_macs=0.01, prune_epochs=0, finetune_epochs=1, **kw)
     widths = [m.out_channels for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert min(widths) == narrowest, widths
+
+def test_steered_stage_ranks_with_the_criterions_reduce():
+    "`learn.slim('slimming', reduce='mean')` steers stage 1 by the averaged scales its pruning ranks by; summed by default"
+    from fastslim.slim import METHODS, SlimConfig
+    cb = lambda **kw: METHODS['slimming'].sparsity_cb(SlimConfig.from_kwargs('slimming', target_macs=0.5, **kw))
+    assert cb().reduce == 'sum' and cb(reduce='mean').reduce == 'mean'
+    with pytest.raises(ValueError, match='`reduce`'): cb(reduce='max')

@@ -602,3 +602,34 @@ def test_bn_refresh_leaves_frozen_batchnorms_alone():
     quiet_fit(learner(model, [BnFreeze(), SparsityCallback(ratio=0.5, start=0.3)]), 2, 1e-2)
     assert torch.equal(frozen.running_mean, before[0]) and torch.equal(frozen.running_var, before[1])
     assert all(not torch.equal(m.num_batches_tracked, n) for m, n in zip(trained, seen))
+
+def test_steering_ranks_as_the_pruning_criterion():
+    "`reduce`: the channels steered to zero are the ones `Slimming(reduce=...)` would prune from the network the stage starts from"
+    import copy, timm, fastslim.models
+    from fastslim.criteria import Slimming
+    from fastslim.prune import PruneCallback
+    from fastslim.plan import bn_members
+    set_seed(0)
+    net = timm.create_model('fastslim_resnet20_cifar', num_classes=10, in_chans=1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d): m.weight.uniform_(0.1, 1.)   # unequal scales, so the two rankings differ
+    expected = {}
+    for r in ('sum', 'mean'):
+        plan = PruneCallback(criterion=Slimming(reduce=r), target_macs=0.3).prune_now(learner(copy.deepcopy(net)))
+        names = {id(m): n for n, m in plan.model.named_modules()}
+        expected[r] = {(names[id(b)], int(i)) for g in plan.groups for b, idx in bn_members(g) for i in idx[~g.keep.cpu()]}
+    assert expected['sum'] != expected['mean']
+    for r in ('sum', 'mean'):
+        learn = learner(copy.deepcopy(net))
+        cb = SparsityCallback(target_macs=0.3, reduce=r, start=0.99)   # the masks of the first ranking: before any step moves a scale
+        learn.add_cb(cb)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-9, cbs=[_StopAfterOneBatch()])
+        mods = dict(learn.model.named_modules())
+        got = {(n, int(i)) for n, b in mods.items() if isinstance(b, nn.BatchNorm2d) and id(b.weight) in cb.masks
+               for i in cb.masks[id(b.weight)].nonzero().flatten()}
+        assert got == expected[r], r
+
+class _StopAfterOneBatch(Callback):
+    order = 99
+    def after_batch(self): raise CancelFitException()
