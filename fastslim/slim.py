@@ -47,9 +47,9 @@ class SlimMethod:
     def check(self, cfg):
         "Raise a `ValueError` naming the option of `cfg` this method cannot run with (called by `SlimConfig`)"
 
-    def sparsity_cb(self, cfg):
+    def sparsity_cb(self, cfg, **kwargs):
         "The stage-1 callback: a proximal L1 penalty steered to the pruning budget, or held at `cfg.reg` when one is given"
-        return sparsity_callback(self.sparsity, ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, min_keep=cfg.min_keep)
+        return sparsity_callback(self.sparsity, ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, min_keep=cfg.min_keep, **kwargs)
 
     def prune(self, run):
         "Stage 2 on `run.learn`: select, apply and train with what the method removes held (`run.pruned` records it)"
@@ -84,8 +84,7 @@ class ChannelMethod(SlimMethod):
     def sparsity_cb(self, cfg):
         "Stage 1 as `SlimMethod` builds it; a steered BatchNorm penalty ranks the channels as stage 2's criterion does (its `reduce`)"
         if self.sparsity != 'bn': return super().sparsity_cb(cfg)
-        reduce = getattr(self.callback(cfg).crit, 'reduce', 'sum')
-        return sparsity_callback('bn', ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, min_keep=cfg.min_keep, reduce=reduce)
+        return super().sparsity_cb(cfg, reduce=getattr(self.callback(cfg).crit, 'reduce', 'sum'))
 
     def prune(self, run):
         cb, cfg = self.callback(run.cfg), run.cfg

@@ -2,7 +2,9 @@
 
 The notebooks in `nbs/` are committed without outputs, so the build runs a scratch copy of each one with nbdev's
 own runner (`nbdev.test.test_nb(..., save=True)`, skipping the `tst_flags` cells as the tests do); the committed
-notebooks stay untouched. Before the run, nbdev's `add_show_docs` processor adds a `show_doc` for every undocumented
+notebooks stay untouched. `tests/test_notebooks.py` runs each notebook the same way (`run_nb`) and keeps every green
+run under `.nbruns/`, keyed by the site's inputs, the skipped flags and the installed versions: the build copies a
+kept run instead of executing that notebook again. Before the run, nbdev's `add_show_docs` processor adds a `show_doc` for every undocumented
 export, and every `show_doc` is pointed at `ParamTableRenderer`, so a callable whose parameters carry docments
 comments gets a Type/Default/Details table under its signature (nbdev 3's own show_doc prints only the signature).
 The executed copy then goes through nbdev's docs processors (`nbdev.processors.FilterDefaults`, what
@@ -96,7 +98,7 @@ def build_hash(root=ROOT):
     root, h = Path(root), hashlib.sha256()
     files = [p for p in sorted((root/'nbs').rglob('*')) if p.is_file() and p.suffix.lower() in INPUTS
              and not any(o.startswith(('.', '_proc', '_docs')) for o in p.relative_to(root/'nbs').parts)]
-    files += sorted((root/'fastslim').glob('*.py')) + [Path(__file__).resolve()]
+    files += sorted((root/'fastslim').rglob('*.py')) + [Path(__file__).resolve()]   # subpackages too (fastslim/plan/)
     for p in files: h.update(p.resolve().relative_to(root).as_posix().encode() + b'\0' + p.read_bytes() + b'\0')
     return h.hexdigest()
 
