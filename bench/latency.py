@@ -14,12 +14,14 @@ and latency / dense latency in onnxruntime (CPU, 1 thread, via `fastslim.export.
 batch 1 and 8, and in PyTorch eager (`fastslim.core.cpu_latency`, 1 thread) at batch 1 and 8. Timings are
 interleaved: every round times every variant of a model once (the dense one included, order rotating), and the
 median over rounds of each round's pruned / dense ratio is reported (the goal line adds the rounds' 25-75% range), so
-a machine shared with other jobs slows all variants alike. `--warm` untimed runs before each timing re-warm the caches
+a machine shared with other jobs slows all variants alike; `--stat min` reports the fastest run of each variant over
+the dense model's fastest run instead (other jobs only ever add time), and the goal line gives the other statistic too. `--warm` untimed runs before each timing re-warm the caches
 the other variants took; `--clock cpu` times the thread's CPU time instead of the wall clock.
 
 Latency targets (`--part latency`, or `all`): for budgets 0.5 and 0.25 of the dense latency in onnxruntime (CPU, 1 thread,
 batch 1), `fastslim.latency.LatencyModel` measures its per-group tables (a fresh cache folder: the cost reported is a real
-measurement), `SlimPlan.select(target_latency=..., round_to=8)` selects and checks itself end to end, and then this script
+measurement), `SlimPlan.select(target_latency=..., round_to=r)` (r from `--lat-round-to`, 8 by default; several values give
+one row each) selects and checks itself end to end, and then this script
 times the result independently: exported by `export_onnx` (the deployment exporter), interleaved rounds with the dense
 model as above, medians. A budget is met when that measured ratio is at most 1.05 x the budget.
 
@@ -83,16 +85,25 @@ def tp_at_macs(make, x, target, round_to, dense_macs, tol=0.005, iters=12):
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.thread_time}   # one thread runs on the calling thread: its CPU time is the run's compute
 
 def timers(model, x1, x8, tmp, name, clock='wall', runs=3, warm=0):
-    "One timing function per measurement: each call runs the variant `warm` times untimed (its caches warm again after the others ran), then times `runs` runs on `clock` and returns their median"
+    "One timing function per measurement: each call runs the variant `warm` times untimed (its caches warm again after the others ran), then times `runs` runs on `clock` and returns their seconds"
     p, c = Path(tmp)/f'{name}.onnx', CLOCKS[clock]
     export_onnx(model, p, x8[:2])
     sess = ort_session(p, threads=1)
     for x in (x1, x8): onnx_latency(sess, x, n=1, warmup=2); cpu_latency(model, x, n=1, warmup=2)
-    kw = dict(n=runs, warmup=warm, clock=c)
-    return {'ort bs1': lambda: onnx_latency(sess, x1, **kw), 'ort bs8': lambda: onnx_latency(sess, x8, **kw),
-            'torch bs1': lambda: cpu_latency(model, x1, **kw), 'torch bs8': lambda: cpu_latency(model, x8, **kw)}
+    def each(f, x): return [f(x, n=1, warmup=warm if i == 0 else 0, clock=c) for i in range(runs)]
+    return {'ort bs1': lambda: each(lambda x, **k: onnx_latency(sess, x, **k), x1), 'ort bs8': lambda: each(lambda x, **k: onnx_latency(sess, x, **k), x8),
+            'torch bs1': lambda: each(lambda x, **k: cpu_latency(model, x, **k), x1), 'torch bs8': lambda: each(lambda x, **k: cpu_latency(model, x, **k), x8)}
 
-def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0):
+STATS = ('median', 'min')
+
+def ratios(times, base, stat):
+    """Pruned / dense latency of one timing: 'median', the median over rounds of each round's ratio (each round: the median of its runs);
+    'min', the fastest run of the variant over the fastest run of the dense model (interference from other jobs only ever adds time)"""
+    if stat == 'min': return min(map(min, times)) / min(map(min, base)), quartiles([min(a) / min(b) for a, b in zip(times, base)])
+    r = [statistics.median(a) / statistics.median(b) for a, b in zip(times, base)]
+    return statistics.median(r), quartiles(r)
+
+def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0, stat='median'):
     make, kind = MODELS[name]
     side = 32 if kind == 'cifar' else size
     torch.manual_seed(0)
@@ -118,14 +129,15 @@ def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0):
             for t in TIMINGS:
                 for k in order: times[k][t].append(fns[k][t]())
         log(f"  {name}: {rounds} interleaved rounds in {time.perf_counter() - t0:.0f} s")
-    base = times[('dense', None, None)]
-    rel = {k: {t: [a / b for a, b in zip(v, base[t])] for t, v in d.items()} for k, d in times.items()}   # per round: the same minutes
+    base = times[('dense', None, None)]   # per round, the same minutes for every variant
     rows = []
     for k, m in variants.items():
         macs = count_macs(m, x1) / dense_macs
+        rel = {s: {t: ratios(times[k][t], base[t], s) for t in TIMINGS} for s in STATS}
         rows.append(dict(model=f'{name} {side}px', method=k[0], target=k[1], round_to=k[2], macs=macs, mult8=widths_mult(m),
-                         **{t: statistics.median(rel[k][t]) for t in TIMINGS}, spread={t: quartiles(rel[k][t]) for t in TIMINGS},
-                         dense_ms={t: 1e3 * statistics.median(base[t]) for t in TIMINGS}))
+                         **{t: rel[stat][t][0] for t in TIMINGS}, spread={t: rel[stat][t][1] for t in TIMINGS},
+                         other={s: {t: v[0] for t, v in d.items()} for s, d in rel.items() if s != stat},
+                         dense_ms={t: 1e3 * (min(map(min, base[t])) if stat == 'min' else statistics.median(map(statistics.median, base[t]))) for t in TIMINGS}))
     return rows
 
 def quartiles(v):
@@ -151,8 +163,9 @@ def verdicts(rows):
         fs = rs[('fastslim', 0.5, 8)]
         eff = fs['macs'] / fs['ort bs8']
         lo, hi = (fs['macs'] / q for q in reversed(fs['spread']['ort bs8']))
+        alt = ', '.join(f"{s}: {fs['macs'] / d['ort bs8']:.2f}" for s, d in fs['other'].items())
         out.append(f"{model}: round_to=8 at MACs 0.5, onnxruntime bs8 speed-up / MACs reduction = {eff:.2f} "
-                   f"(rounds' 25-75%: {lo:.2f}-{hi:.2f}; goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'})")
+                   f"(rounds' 25-75%: {lo:.2f}-{hi:.2f}; goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'}; the same timings by {alt})")
         for target in (0.5, 0.25):
             for r in (None, 8):
                 a, b = rs[('fastslim', target, r)], rs[('torch-pruning', target, r)]
@@ -163,8 +176,8 @@ def verdicts(rows):
 
 LAT_TARGETS, LAT_MARK = (0.5, 0.25), '== latency targets (target_latency) =='
 
-def latency_targets(name, rounds, size, log, cache_dir, tol=0.05, stat='median', n=10):
-    "Rows of `target_latency` budgets on onnxruntime CPU, 1 thread, batch 1: the selection's own rounds and an independent end-to-end timing"
+def latency_targets(name, rounds, size, log, cache_dir, tol=0.05, stat='median', n=10, round_to=8):
+    "Rows of `target_latency` budgets on onnxruntime CPU, 1 thread, batch 1, widths rounded to `round_to`: the selection's own rounds and an independent end-to-end timing"
     make, kind = MODELS[name]
     side = 32 if kind == 'cifar' else size
     torch.manual_seed(0)
@@ -172,12 +185,12 @@ def latency_targets(name, rounds, size, log, cache_dir, tol=0.05, stat='median',
     dense = make().eval()
     plan = SlimPlan(copy.deepcopy(dense), x1, min_keep=0.1, verify=False)
     scores = L1Norm().scores(plan)
-    lat = LatencyModel(plan, runtime='onnxruntime', bs=1, threads=1, round_to=8, tol=tol, cache_dir=cache_dir, stat=stat, n=n)
+    lat = LatencyModel(plan, runtime='onnxruntime', bs=1, threads=1, round_to=round_to, tol=tol, cache_dir=cache_dir, stat=stat, n=n)
     log(f"  {name}: {lat}")
     variants, info = {'dense': dense}, {}
     for t in LAT_TARGETS:
         t0 = time.perf_counter()
-        plan.select(scores, target_latency=t, latency=lat, round_to=8)
+        plan.select(scores, target_latency=t, latency=lat, round_to=round_to)
         variants[t] = plan.compact().eval()
         widths = {g.name: g.n_keep for g in plan.groups}
         info[t] = dict(rounds=plan.latency_rounds, kept=next((o for o in reversed(plan.latency_rounds) if o['widths'] == widths), plan.latency_rounds[-1]), seconds=time.perf_counter() - t0, macs=count_macs(variants[t], x1) / count_macs(dense, x1))
@@ -198,30 +211,30 @@ def latency_targets(name, rounds, size, log, cache_dir, tol=0.05, stat='median',
     rows = []
     for t in LAT_TARGETS:
         r, last, kept = med[t] / med['dense'], info[t]['rounds'], info[t]['kept']
-        rows.append(dict(model=f'{name} {side}px', target=t, measured=r, macs=info[t]['macs'], rounds=len(last), kept_round=kept['round'],
+        rows.append(dict(model=f'{name} {side}px', round_to=round_to, target=t, measured=r, macs=info[t]['macs'], rounds=len(last), kept_round=kept['round'],
                          predicted=kept['predicted'], self_check=kept['measured'], self_measured=[round(o['measured'], 3) for o in last], select_s=info[t]['seconds'], dense_ms=1e3 * med['dense'],
                          cost=lat.cost, met=r <= t * (1 + tol), within=abs(r / t - 1) <= tol))
     return rows
 
 def latency_lines(rows, rounds, wall, stat='median', n=10):
-    head = (f"{'model':18} {'target':>6} {'measured':>8} {'met':>4} {'+-5%':>4} {'MACs':>6} {'predicted':>9} {'self-check':>10} {'kept':>4} "
+    head = (f"{'model':18} {'round_to':>8} {'target':>6} {'measured':>8} {'met':>4} {'+-5%':>4} {'MACs':>6} {'predicted':>9} {'self-check':>10} {'kept':>4} "
             f"{'rounds':>6}  selection's own checks (measured / dense, each round)")
     lines = [LAT_MARK, f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-             f"onnxruntime CPU, 1 thread, batch 1, round_to=8, min_keep=0.1, L1 scores, random weights; {rounds} interleaved rounds; timings: "
+             f"onnxruntime CPU, 1 thread, batch 1, round_to {sorted({r['round_to'] for r in rows})}, min_keep=0.1, L1 scores, random weights; {rounds} interleaved rounds; timings: "
              + ("3 runs each, medians" if stat == 'median' else f"the fastest of {n} runs each (stat='min'), the fastest round"),
              '', 'measured: pruned / dense latency timed here, after the selection, on `export_onnx` files (met: <= 1.05 x target; +-5%: within 5% either way);',
              "predicted / self-check: the latency model's prediction and the selection's own end-to-end check of the kept round (kept: its index)", '',
              head, '-' * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:18} {r['target']:6} {r['measured']:8.3f} {'yes' if r['met'] else 'NO':>4} {'yes' if r['within'] else 'no':>4} "
+        lines.append(f"{r['model']:18} {r['round_to']:8} {r['target']:6} {r['measured']:8.3f} {'yes' if r['met'] else 'NO':>4} {'yes' if r['within'] else 'no':>4} "
                      f"{r['macs']:6.3f} {r['predicted']:9.3f} {r['self_check']:10.3f} {r['kept_round']:4} {r['rounds']:6}  {r['self_measured']}")
     lines.append('')
-    for model in dict.fromkeys(r['model'] for r in rows):
-        r = next(o for o in rows if o['model'] == model)
-        c = r['cost']
-        lines.append(f"{model}: dense {r['dense_ms']:.2f} ms; latency tables: {c['timings']} timings (of {n} runs each) in {c['seconds']:.0f} s"
+    for model, rt in dict.fromkeys((r['model'], r['round_to']) for r in rows):
+        same = [o for o in rows if (o['model'], o['round_to']) == (model, rt)]
+        r, c = same[0], same[0]['cost']
+        lines.append(f"{model} round_to={rt}: dense {r['dense_ms']:.2f} ms; latency tables: {c['timings']} timings (of {n} runs each) in {c['seconds']:.0f} s"
                      f"{' (read from the cache)' if c.get('cached') else ''}; selections with their checks: "
-                     + ', '.join(f"{o['target']}: {o['select_s']:.0f} s" for o in rows if o['model'] == model))
+                     + ', '.join(f"{o['target']}: {o['select_s']:.0f} s" for o in same))
     met = sum(r['met'] for r in rows)
     lines += ['', f"latency budgets met within 5% (measured <= 1.05 x target): {met} of {len(rows)}", f'wall time {wall:.0f} s']
     return lines
@@ -237,8 +250,9 @@ def main(
     clock:str='wall', # MACs part: 'wall' (perf_counter) or 'cpu' (the thread's CPU time: other processes do not inflate it)
     part:str='macs', # 'macs' (MACs targets vs Torch-Pruning), 'latency' (target_latency budgets) or 'all'
     cache:str='', # latency-table cache folder ('' for a fresh temporary one, so the measurement cost is real)
-    stat:str='median', # latency targets: what a timing reports of its runs, 'median' or 'min' (steadier on a shared machine)
+    stat:str='median', # what a timing reports: 'median' (MACs part: the median over rounds of each round's ratio) or 'min' (the fastest run: steadier on a shared machine)
     n:int=10, # latency targets: runs per timing
+    lat_round_to:str='8', # latency targets: comma-separated `round_to` values, one row per budget each (1: no rounding)
 ):
     warnings.filterwarnings('ignore')
     torch.set_num_threads(1)
@@ -246,9 +260,11 @@ def main(
     log = lambda s: print(s, flush=True)
     if clock not in CLOCKS: raise ValueError(f"`clock` must be one of {list(CLOCKS)}, got {clock!r}")
     if part not in ('macs', 'latency', 'all'): raise ValueError(f"`part` must be 'macs', 'latency' or 'all', got {part!r}")
+    if stat not in STATS: raise ValueError(f"`stat` must be one of {list(STATS)}, got {stat!r}")
     if part in ('latency', 'all'):
         with tempfile.TemporaryDirectory() as tmp:
-            lrows = [r for name in models.split(',') for r in latency_targets(name, rounds, size, log, cache or tmp, stat=stat, n=n)]
+            lrows = [r for name in models.split(',') for rt in map(int, lat_round_to.split(','))
+                     for r in latency_targets(name, rounds, size, log, cache or tmp, stat=stat, n=n, round_to=rt)]
         section = latency_lines(lrows, rounds, time.perf_counter() - t0, stat, n)
         print('\n'.join(section))
         if out:
@@ -259,10 +275,11 @@ def main(
         if part == 'latency': return
         t0 = time.perf_counter()
     rows = []
-    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock, runs, warm)
+    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock, runs, warm, stat)
+    how = ('the fastest run of each variant over the dense model\'s fastest run' if stat == 'min' else 'the median of the per-round ratios')
     lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x {runs} runs after {warm} warm-up (medians), {clock} clock", '',
-             'latency columns: pruned / dense latency, the median of the per-round ratios (lower is faster); MACs: pruned / dense; x8 widths: share of conv/linear widths that are multiples of 8',
+             f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x {runs} runs after {warm} warm-up, {clock} clock, stat {stat}", '',
+             f'latency columns: pruned / dense latency, {how} (lower is faster); MACs: pruned / dense; x8 widths: share of conv/linear widths that are multiples of 8',
              ''] + table(rows) + [''] + verdicts(rows) + ['', f'wall time {time.perf_counter() - t0:.0f} s']
     dense = [r for r in rows if r['method'] == 'dense']
     lines += [f"dense latency, {r['model']}: " + ', '.join(f"{t} {v:.2f} ms" for t, v in r['dense_ms'].items()) for r in dense]
