@@ -139,6 +139,16 @@ def test_budget_loop_corrects_a_wrong_prediction(tmp_path):
     assert rounds[1]['predicted_goal'] > rounds[0]['predicted_goal']                  # ... under-pruned: the goal was corrected
     assert abs(t.cost(plan.compact()) / t.cost(lat.dense_model) / 0.5 - 1) <= lat.tol  # ... and met
 
+def test_budget_loop_corrects_an_overhead_the_tables_miss(tmp_path):
+    "A fixed cost the per-group tables do not see (the end-to-end checks pay it, 0.49 of the dense time) is corrected by the secant within 4 rounds; scaling by budget / measured was still 9% over after its 6"
+    plan, t, slow = plan_of_net(min_keep=0.1), FakeTimer(), FakeTimer(overhead=8e-3)
+    lat = LatencyModel(plan, timer=t, check_timer=slow, cache_dir=tmp_path, reps=1)
+    plan.select(plan.l1_scores(), target_latency=0.5, latency=lat)
+    rounds = plan.latency_rounds
+    assert rounds[0]['measured'] > 0.5 * (1 + lat.tol) and rounds[1]['measured'] > 0.5 * (1 + lat.tol)   # both over: no bracket yet
+    assert len(rounds) <= 4, rounds
+    assert abs(slow.cost(plan.compact()) / slow.cost(lat.dense_model) / 0.5 - 1) <= lat.tol
+
 def test_milliseconds_budget(tmp_path):
     plan, t = plan_of_net(min_keep=0.1), FakeTimer()
     lat = LatencyModel(plan, timer=t, cache_dir=tmp_path, reps=1)
@@ -189,3 +199,8 @@ def test_next_goal_scales_then_brackets():
     g = next_goal([r(0.5, 0.8), r(0.3, 0.4)])                                          # 0.4 under, 0.8 over the budget
     assert 0.3 < g < 0.5 and g == pytest.approx(0.3 + 0.25 * 0.2)
     assert next_goal([r(0.5, 0.8), r(0.3, 0.4), r(0.35, 0.45), r(0.45, 0.6)]) == pytest.approx(0.35 + 0.1 * (0.5 - 0.45) / 0.15)
+    assert next_goal([r(0.5, 0.55), r(0.45, 0.525)]) == pytest.approx(0.4)                # both over, measured = 0.3 + 0.5 x goal: the secant's root
+    assert next_goal([r(0.3, 0.35), r(0.35, 0.375)]) == pytest.approx(0.6)                # both under: the same line, from below
+    assert next_goal([r(0.5, 0.9), r(0.49, 0.899)]) == pytest.approx(0.49 / 4)            # a flat line: kept within 4x
+    assert next_goal([r(0.5, 0.8), r(0.4, 0.85)]) == pytest.approx(0.4 * 0.5 / 0.85)      # slower with a smaller goal (noise): scaled
+    assert next_goal([r(0.5, 0.8), r(0.5, 0.7)]) == pytest.approx(0.5 * 0.5 / 0.7)        # no second goal to draw a line through

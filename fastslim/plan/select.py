@@ -258,7 +258,7 @@ def select_latency(plan, steps, latency, goal:float, round_to:int=1, lookahead:i
     return removed
 
 def next_goal(rounds:list) -> float:
-    "The predicted goal of the next round: interpolated between the closest rounds measured under and over the budget, else the last one scaled by budget / measured"
+    "The predicted goal of the next round: interpolated between the closest rounds measured under and over the budget; else a secant through the last two rounds (within 4x), or after one round the goal scaled by budget / measured"
     last = rounds[-1]
     want = last['goal']
     under = [o for o in rounds if o['measured'] <= want]
@@ -270,7 +270,13 @@ def next_goal(rounds:list) -> float:
             f = (want - lo['measured']) / (hi['measured'] - lo['measured'])
             return a + min(max(f, 0.1), 0.9) * (b - a)
         return (a + b) / 2
-    return last['predicted_goal'] * want / last['measured']          # the measured / predicted ratio, assumed to hold
+    scaled = last['predicted_goal'] * want / last['measured']        # the measured / predicted ratio, assumed to hold
+    prev = next((o for o in reversed(rounds[:-1]) if o['predicted_goal'] != last['predicted_goal']), None)
+    if prev is None: return scaled
+    slope = (last['measured'] - prev['measured']) / (last['predicted_goal'] - prev['predicted_goal'])
+    if slope <= 0: return scaled                                     # noise: no line to follow
+    p = last['predicted_goal']
+    return min(max(p + (want - last['measured']) / slope, p / 4), 4 * p)   # a secant through the last two rounds, kept within 4x
 
 def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, mode, round_to:int=1):
     "Select to a latency budget, time the compacted model end to end, and re-select to a corrected predicted goal until the measured latency is within `latency.tol` of the budget (at most `latency.rounds` times)"
