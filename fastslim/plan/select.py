@@ -291,8 +291,8 @@ def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, m
                            dense_ms=1e3 * dense, widths={g.name: g.n_keep for g in plan.groups}))
         masks.append({g.name: g.keep.clone() for g in plan.groups})
         if abs(measured / want - 1) <= latency.tol: break
-        floor = latency.predict({g.name: g.floor_units(min_keep, round_to) * g.unit_width if g.name in scores else g.size for g in plan.groups})
-        if measured > want and rounds[-1]['predicted'] <= floor * (1 + 1e-9): break   # every scored group is at its floor
+        at_floor = all(g.n_keep <= g.floor_units(min_keep, round_to) * g.unit_width for g in plan.groups if g.name in scores)
+        if measured > want and at_floor: break                      # every scored group at its floor (by width: a noisy table can predict the floor slower)
         pgoal = min(max(next_goal(rounds), 1e-3), 1.)
     ok = [o for o in rounds if o['measured'] <= o['goal'] * (1 + latency.tol)]
     best = max(ok, key=lambda o: o['measured']) if ok else min(rounds, key=lambda o: o['measured'] / o['goal'])
