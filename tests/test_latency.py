@@ -161,6 +161,18 @@ def test_budget_loop_goes_on_when_a_noisy_table_predicts_the_floor_slower(tmp_pa
     assert rounds[0]['predicted'] < floor and rounds[0]['measured'] > 0.5 * (1 + lat.tol)   # the first check missed, far above the floor
     assert len(rounds) > 1 and abs(slow.cost(plan.compact()) / slow.cost(lat.dense_model) / 0.5 - 1) <= lat.tol
 
+def test_budget_loop_stops_when_a_correction_repeats_a_checked_selection(tmp_path):
+    "Tables that promise no saving below some width (flat): a lower goal selects the same widths, which are not timed again"
+    plan, t = plan_of_net(min_keep=0.1), FakeTimer()
+    lat = LatencyModel(plan, timer=t, cache_dir=tmp_path, reps=1)
+    lat.tables = {k: [(w, max(r, 0.85)) for w, r in v] for k, v in lat.tables.items()}
+    n0 = t.calls
+    with pytest.warns(UserWarning, match='`target_latency` missed'): plan.select(plan.l1_scores(), target_latency=0.25, latency=lat)
+    rounds = plan.latency_rounds
+    assert not all(g.n_keep <= g.floor_units(0.1) * g.unit_width for g in plan.groups)   # not at the floors ...
+    assert len(rounds) == 1 and t.calls - n0 == 2 * lat.check_reps                       # ... but checked once, not `rounds` times
+    assert {g.name: g.n_keep for g in plan.groups} == rounds[0]['widths']
+
 def test_milliseconds_budget(tmp_path):
     plan, t = plan_of_net(min_keep=0.1), FakeTimer()
     lat = LatencyModel(plan, timer=t, cache_dir=tmp_path, reps=1)
