@@ -285,10 +285,13 @@ def latency_rounds(plan, scores:dict, latency, kind:str, goal:float, min_keep, m
         want = goal if kind == 'fraction' else goal / 1e3 / latency.dense_s   # in ms: the budget over the dense seconds measured so far
         if pgoal is None: pgoal = want
         _select_verified(plan, scores, mode, lambda steps, scores: select_latency(plan, steps, latency, pgoal, round_to), min_keep, round_to)
-        if any(o['widths'] == {g.name: g.n_keep for g in plan.groups} for o in rounds): break   # checked already: timing it again only re-samples the noise
+        if rounds and any(o['widths'] == {g.name: g.n_keep for g in plan.groups} for o in rounds):   # checked already: timing it again only re-samples the noise
+            step = pgoal - rounds[-1]['predicted_goal']
+            if abs(step) < 1e-6: break
+            pgoal = min(max(pgoal + step, 1e-3), 1.); continue          # the same step again, untimed, until the widths move
         measured, dense = latency.check(plan.compact().eval())
         if kind == 'ms': want = goal / 1e3 / dense
-        rounds.append(dict(round=r, goal=want, predicted_goal=pgoal, predicted=latency.predict(), measured=measured,
+        rounds.append(dict(round=len(rounds), goal=want, predicted_goal=pgoal, predicted=latency.predict(), measured=measured,
                            dense_ms=1e3 * dense, widths={g.name: g.n_keep for g in plan.groups}))
         masks.append({g.name: g.keep.clone() for g in plan.groups})
         if abs(measured / want - 1) <= latency.tol: break
