@@ -24,8 +24,8 @@ from .prune import recalibrate_bn
 from .distill import kd_loss
 
 # %% auto #0
-__all__ = ['MIN_TRIAL_FRACTION', 'search_space', 'trial_macs', 'floor_macs', 'fit_widths', 'proxy_batches', 'proxy_score',
-           'WidthSearch', 'search_widths']
+__all__ = ['MIN_TRIAL_FRACTION', 'MAX_TRIAL_FACTOR', 'search_space', 'trial_macs', 'floor_macs', 'fit_widths', 'proxy_batches',
+           'proxy_score', 'WidthSearch', 'search_widths']
 
 # %% ../nbs/32_search.ipynb #7d06e862
 def _optuna():
@@ -192,6 +192,7 @@ def proxy_score(small:nn.Module, # the compacted network (trained in place when 
 
 # %% ../nbs/32_search.ipynb #034e7b59
 MIN_TRIAL_FRACTION = 0.05   # the smallest keep fraction a trial proposes (before the common rescaling)
+MAX_TRIAL_FACTOR = 4.       # with `relative`, a trial scales each dimension's global widths by a factor in [1/4, 4]
 
 def _keep_of(plan): return {g.name: g.n_keep for g in plan.groups}
 def _ratios(plan, keep): return {g.name: 1 - keep[g.name] / g.size for g in plan.groups if g.name in keep}
@@ -201,6 +202,11 @@ def _dim_fractions(space, plan, keep):
     sz = {g.name: g.size for g in plan.groups}
     return {d: min(1., max(MIN_TRIAL_FRACTION, sum(keep[n] for n in ns) / sum(sz[n] for n in ns))) for d, ns in space.items()}
 
+def _dim_factors(space, base, keep):
+    "{dimension: factor} taking the widths `base` (the global criterion's) to about `keep`, within the searched range"
+    f = lambda ns: sum(keep[n] for n in ns) / sum(base[n] for n in ns)
+    return {d: min(MAX_TRIAL_FACTOR, max(1 / MAX_TRIAL_FACTOR, f(ns))) for d, ns in space.items()}
+
 def _weights_sum(model):
     "A fingerprint of `model`'s weights: the sum of their absolute values"
     with torch.no_grad(): return float(f"{sum(float(p.detach().abs().double().sum()) for p in model.parameters()):.8g}")
@@ -209,7 +215,7 @@ def _weights_sum(model):
 class WidthSearch:
     "What `search_widths` found: the optuna `study`, the best widths (`keep`, `ratios`), the global criterion's (`global_keep`)"
     def __init__(self, study, plan:SlimPlan, space:dict, crit, scores:dict, target_macs:float, min_keep, round_to:int,
-                 global_keep:dict, metric:str, cpu_seconds:float, path=None):
+                 global_keep:dict, metric:str, cpu_seconds:float, path=None, relative:bool=True):
         store_attr()
         select_per_group(plan, scores, _ratios(plan, self.keep), min_keep=min_keep, round_to=round_to)
         plan.apply()   # on the search's copy of the model: `apply(learn)` masks the learner's own
@@ -222,7 +228,7 @@ class WidthSearch:
         return dict(self.best_trial.user_attrs['keep'])
     @property
     def best_fractions(self):
-        "{dimension: keep fraction} the best trial proposed (before the common rescaling to the budget)"
+        "{dimension: value} the best trial proposed, before the common rescaling to the budget: a factor on the global widths (`relative`) or a keep fraction"
         return dict(self.best_trial.params)
     @property
     def ratios(self):
@@ -304,8 +310,8 @@ def _open_study(optuna, path, seed, n_trials):
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, n_trials // 3)))
     return optuna.create_study(study_name='widths', storage=storage, sampler=sampler, direction='maximize', load_if_exists=True)
 
-def _compacted(plan, scores, fractions, target_macs, dims, min_keep, round_to, x1, dense_macs):
-    "(widths, compacted network, its measured MACs share) of the trial proposing `fractions`, within `target_macs`"
+def _compacted(plan, scores, fractions, dims, target_macs, min_keep, round_to, x1, dense_macs):
+    "(widths, compacted network, its measured MACs share) of the trial proposing `fractions` (over the dimensions `dims`, None: per group), within `target_macs`"
     budget, dev = target_macs, model_device(plan.model)
     for _ in range(4):   # the prediction is exact for conv/linear layers; a model it misses gets a tighter budget
         keep = fit_widths(plan, fractions, budget, dims, min_keep, round_to)
@@ -337,11 +343,12 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
                   target_macs:float, # MACs of the slim network as a fraction of the dense network's, in (0, 1)
                   n_trials:int=30, # trials in the study, counting those a resumed study already ran
                   criterion='l1', # ranks channels within each group (and gives the global widths of trial 0): a name or a `Criterion`
-                  space:str='stage', # 'stage' (one keep fraction per resolution and role) or 'group' (one per channel group)
-                  kd_steps:int=0, # SGD steps of distillation from the dense network in each trial (0: BatchNorm statistics only)
-                  calib_batches:int=4, # training batches for BatchNorm statistics (and distillation)
-                  score_batches:int=4, # the next training batches: the held-out slice each trial is scored on
-                  metric:str='loss', # proxy score: 'loss' (its negative is maximised) or 'accuracy'
+                  space:str='stage', # 'stage' (one searched value per resolution and role) or 'group' (one per channel group)
+                  relative:bool=True, # a trial scales the global criterion's widths (trial 0 is them); False: it proposes keep fractions outright
+                  kd_steps:int=12, # SGD steps of distillation from the dense network in each trial, one per calibration batch (0: BatchNorm statistics only)
+                  calib_batches:int=12, # training batches for distillation and BatchNorm statistics
+                  score_batches:int=8, # the next training batches: the held-out slice each trial is scored on
+                  metric:str='accuracy', # proxy score: 'accuracy' or 'loss' (its negative is maximised)
                   min_keep:int|float=None, # floor per group: a count or a fraction; default `defaults.min_keep`
                   round_to:int=None, # every group keeps a multiple of this many channels, or all of them; default 1
                   path=None, # run folder: the study lives in path/search.db (resumed when it exists) and its plot in path/search.png
@@ -356,7 +363,7 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
     t0 = time.process_time()
     _check_learn(learn)
     target_macs = check_open_fraction(target_macs, 'target_macs')
-    check_count(n_trials, 'n_trials'); check_choice(space, {'stage', 'group'}, 'space'); check_count(kd_steps, 'kd_steps', low=0)
+    check_count(n_trials, 'n_trials'); check_choice(space, {'stage', 'group'}, 'space'); check_bool(relative, 'relative'); check_count(kd_steps, 'kd_steps', low=0)
     check_count(calib_batches, 'calib_batches'); check_count(score_batches, 'score_batches'); check_choice(metric, {'loss', 'accuracy'}, 'metric')
     min_keep = check_min_keep(fs_defaults.min_keep if min_keep is None else min_keep); round_to = check_round_to(round_to)
     if path is not None and not isinstance(path, (str, Path)): raise ValueError(f"`path` must be a folder (str or Path) or None, got {path!r}")
@@ -381,12 +388,17 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
     dev, x1 = model_device(learn.model), tuple(o[:1] for o in plan.example)   # the copy is on the learner's device
     with torch.no_grad(), eval_mode(learn.model): teacher = [learn.model(*_to(b, dev)[0]).detach() for b in fit] if kd_steps else None
     dense_macs = count_macs(plan.model, x1)
-    settings = _settings(learn, plan, dims, crit, starts=[c.name for c in starts], target_macs=target_macs, min_keep=min_keep, round_to=round_to, kd_steps=kd_steps,
+    settings = _settings(learn, plan, dims, crit, starts=[c.name for c in starts], relative=relative, target_macs=target_macs, min_keep=min_keep, round_to=round_to, kd_steps=kd_steps,
                          calib_batches=calib_batches, score_batches=score_batches, metric=metric, seed=seed, lr=lr, T=T, alpha=alpha)
 
+    def proposal(trial):
+        "(keep fractions, the space they are given in) of one trial"
+        if not relative: return {d: trial.suggest_float(d, MIN_TRIAL_FRACTION, 1.) for d in dims}, dims
+        f = {d: trial.suggest_float(d, 1 / MAX_TRIAL_FACTOR, MAX_TRIAL_FACTOR, log=True) for d in dims}
+        return {n: min(1., f[d] * global_keep[n] / plan[n].size) for d, ns in dims.items() for n in ns}, None
+
     def objective(trial):
-        fr = {d: trial.suggest_float(d, MIN_TRIAL_FRACTION, 1.) for d in dims}
-        keep, small, macs = _compacted(plan, scores, fr, target_macs, dims, min_keep, round_to, x1, dense_macs)
+        keep, small, macs = _compacted(plan, scores, *proposal(trial), target_macs, min_keep, round_to, x1, dense_macs)
         torch.manual_seed(seed + trial.number)
         r = proxy_score(small, fit, score, teacher, kd_steps, lr, T, alpha, getattr(learn, 'loss_func', None))
         for k, v in dict(keep=keep, macs=macs, **r).items(): trial.set_user_attr(k, v)
@@ -398,12 +410,13 @@ def search_widths(learn, # a fastai `Learner`: its model is searched on a copy a
         study = _open_study(optuna, path, seed, n_trials)
         _check_resume(study, settings, path)
         if not study.trials:
-            study.enqueue_trial(_dim_fractions(dims, plan, global_keep), user_attrs={'global': True, 'start': crit.name})
-            for n, k in more: study.enqueue_trial(_dim_fractions(dims, plan, k), user_attrs={'start': n})
+            start = (lambda k: _dim_factors(dims, global_keep, k)) if relative else (lambda k: _dim_fractions(dims, plan, k))
+            study.enqueue_trial(start(global_keep), user_attrs={'global': True, 'start': crit.name})
+            for n, k in more: study.enqueue_trial(start(k), user_attrs={'start': n})
         _run_trials(study, objective, n_trials, show_progress)
     finally: optuna.logging.set_verbosity(verbosity)
     for g in plan.groups: g.keep.fill_(True)
-    res = WidthSearch(study, plan, dims, crit, scores, target_macs, min_keep, round_to, global_keep, metric, time.process_time() - t0, path)
+    res = WidthSearch(study, plan, dims, crit, scores, target_macs, min_keep, round_to, global_keep, metric, time.process_time() - t0, path, relative)
     if path is not None:
         import matplotlib.pyplot as plt
         plt.close(res.plot(Path(path)/'search.png'))

@@ -40,16 +40,27 @@ def exact_macs(learn, keep):
     x = plan.example[0][:1]
     return count_macs(plan.compact(), x) / count_macs(m, x)
 
-@pytest.mark.parametrize('net,space,target', [('vgg', 'stage', 0.3), ('resnet', 'stage', 0.2), ('resnet', 'group', 0.1)])
-def test_every_trial_meets_the_budget(request, net, space, target):
+@pytest.mark.parametrize('net,space,target,relative', [('vgg', 'stage', 0.3, True), ('resnet', 'stage', 0.2, True),
+                                                       ('resnet', 'group', 0.1, True), ('resnet', 'stage', 0.1, False)])
+def test_every_trial_meets_the_budget(request, net, space, target, relative):
     learn = request.getfixturevalue(net)
-    ws = search_widths(learn, target, n_trials=6, space=space, kd_steps=1, calib_batches=2, score_batches=2, show_progress=False)
+    ws = search_widths(learn, target, n_trials=6, space=space, relative=relative, kd_steps=1, calib_batches=2, score_batches=2, show_progress=False)
     ts = ws.trials
     assert len(ts) == 6 and ts[0]['global'] and not any(t['global'] for t in ts[1:])
     for t, tr in zip(ts, ws.study.trials):
         assert t['macs'] <= target                                   # measured on the compacted network of the trial
         assert exact_macs(learn, tr.user_attrs['keep']) <= target     # ... and again from its widths alone
     assert ws.best_trial.value >= ts[0]['value']                      # the global criterion's widths are trial 0
+
+@pytest.mark.parametrize('space', ['stage', 'group'])
+def test_relative_trial_0_is_the_global_widths(resnet, space):
+    ws = search_widths(resnet, 0.2, n_trials=3, space=space, kd_steps=1, calib_batches=2, score_batches=2, show_progress=False)
+    t0, g = ws.study.trials[0], ws.global_keep
+    assert set(t0.params.values()) == {1.0}                           # every factor on the global widths is 1
+    keep = t0.user_attrs['keep']
+    assert all(keep[n] >= g[n] for n in g) and t0.user_attrs['macs'] <= 0.2   # the global widths, filled up to the budget at most
+    assert sum(keep.values()) - sum(g.values()) <= 0.1 * sum(g.values())
+    assert all(1 / 4 <= v <= 4 for t in ws.study.trials for v in t.params.values())
 
 def test_starts_enqueue_more_global_widths(vgg):
     ws = search_widths(vgg, 0.3, n_trials=3, starts=['slimming'], calib_batches=2, score_batches=2, show_progress=False)
