@@ -15,13 +15,14 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import Hooks
 from fastai.torch_core import to_device
-from .checks import check_choice, check_nonneg
-from .core import model_device, eval_mode, example_batch
-from .distrib import unwrap, sync_state, mean_ranks, distributed
+from .checks import check_choice, check_nonneg, check_count, check_bool
+from .core import model_device, eval_mode, example_batch, as_inputs, split_batch, plain
+from .distrib import unwrap, sync_state, mean_ranks, sum_ranks, distributed
+from .plan.compact import out_width
 
 # %% auto #0
 __all__ = ['feature_losses', 'default_feature_weights', 'kd_loss', 'dkd_loss', 'attention_map', 'at_loss', 'similarity_matrix',
-           'sp_loss', 'hint_adapter', 'fitnet_loss', 'match_loss', 'DistillCallback']
+           'sp_loss', 'hint_adapter', 'fitnet_loss', 'match_loss', 'refit_to_teacher', 'DistillCallback']
 
 # %% ../nbs/50_distill.ipynb #5686d013
 def _flat_logits(x):
@@ -112,6 +113,105 @@ feature_losses = {'at': at_loss, 'sp': sp_loss, 'fitnet': fitnet_loss, 'match': 
 # 'match' compares BatchNorm outputs (unit scale), summed over the matched layers
 default_feature_weights = {'at': 1000., 'sp': 3000., 'fitnet': 100., 'match': 1.}
 
+# %% ../nbs/50_distill.ipynb #70d22ef7
+class _Stop(Exception): "Ends a forward pass once the layer of interest has been seen"
+
+def _refittable(m:nn.Module) -> bool:
+    "Layers `refit_to_teacher` solves for: `nn.Linear` and ungrouped, zero-padded `nn.Conv2d`"
+    if isinstance(m, nn.Linear): return True
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == 'zeros' and not isinstance(m.padding, str)
+
+def _rows(m:nn.Module, x:torch.Tensor, positions:int, g:torch.Generator):
+    "Sampled (row indices, input rows) of layer `m` on input `x`: conv patches at `positions` output positions per sample, or linear inputs"
+    if isinstance(m, nn.Linear):
+        x = x.flatten(1, -2) if x.ndim > 2 else x[:, None]                        # (N, L, in)
+        idx = torch.randint(0, x.shape[1], (x.shape[0], min(positions, x.shape[1])), generator=g).to(x.device)
+        return idx, x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).flatten(0, 1)
+    rows, idxs = [], []
+    for xi in x.split(1):                                                        # one image at a time: unfold is k*k times the input
+        p = F.unfold(xi, m.kernel_size, m.dilation, m.padding, m.stride)[0]       # (C_in*k*k, L)
+        i = torch.randint(0, p.shape[1], (min(positions, p.shape[1]),), generator=g).to(x.device)
+        idxs.append(i); rows.append(p[:, i].T)
+    return torch.stack(idxs), torch.cat(rows)
+
+def _out_rows(m:nn.Module, y:torch.Tensor, idx:torch.Tensor):
+    "The teacher's outputs of layer `m` at the sampled positions `idx`, one row per sampled position"
+    if isinstance(m, nn.Linear):
+        y = y.flatten(1, -2) if y.ndim > 2 else y[:, None]
+        return y.gather(1, idx[..., None].expand(-1, -1, y.shape[-1])).flatten(0, 1)
+    y = y.flatten(2)                                                             # (N, C, L)
+    return y.gather(2, idx[:, None].expand(-1, y.shape[1], -1)).transpose(1, 2).flatten(0, 1)
+
+def _layer_io(model:nn.Module, name:str, xb:tuple, fn):
+    "`fn(layer input, layer output)` of layer `name` in a forward pass of `model` on `xb`, stopped right after that layer"
+    res = []
+    def hook(m, i, o): res.append(fn(i[0], o)); raise _Stop
+    h = model.get_submodule(name).register_forward_hook(hook)
+    try: model(*xb)
+    except _Stop: pass
+    finally: h.remove()
+    if not res: raise ValueError(f"layer `{name}` did not run in the forward pass")
+    return res[0]
+
+def _teacher_channels(student:nn.Module, teacher:nn.Module, name:str, width:int):
+    "The teacher channels of layer `name` that the student's `width` channels are: `slim_kept`, or all when the widths agree"
+    kept = getattr(student, 'slim_kept', {}).get(name)
+    if kept is not None and len(kept) == width: return list(kept)
+    full = out_width(teacher.get_submodule(name))
+    if full == width: return None
+    raise ValueError(f"`student` layer `{name}` has {width} channels and the teacher's {full}, but the student does not record "
+                     f"which teacher channels they are (a network compacted by fastslim records them in `slim_kept`)")
+
+@torch.no_grad()
+def _copy_bn_stats(student:nn.Module, teacher:nn.Module):
+    "BatchNorm running statistics of the student: the teacher's, at the channels each student channel is"
+    for n, b in student.named_modules():
+        if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.track_running_stats and b.running_mean is not None:
+            t = teacher.get_submodule(n)
+            k = _teacher_channels(student, teacher, n, b.num_features)
+            b.running_mean.copy_(t.running_mean if k is None else t.running_mean[k])
+            b.running_var.copy_(t.running_var if k is None else t.running_var[k])
+
+@torch.no_grad()
+def _refit_layer(m:nn.Module, X:torch.Tensor, Y:torch.Tensor, ridge:float):
+    "Ridge least squares of layer `m`'s weight (and bias) so `X` maps to `Y`, pulled toward its current weights"
+    W0 = m.weight.detach().flatten(1).double()
+    if m.bias is not None: X, W0 = torch.cat([X, torch.ones_like(X[:, :1])], 1), torch.cat([W0, m.bias.detach().double()[:, None]], 1)
+    G, B = sum_ranks(X.T @ X), sum_ranks(X.T @ Y)                                # distributed: every rank's samples
+    lam = ridge * float(G.diagonal().mean().clamp_min(1e-12))
+    W = torch.linalg.solve(G + lam*torch.eye(len(G), dtype=G.dtype, device=G.device), B + lam*W0.T).T
+    if m.bias is not None: m.bias.copy_(W[:, -1].to(m.bias)); W = W[:, :-1]
+    m.weight.copy_(W.reshape(m.weight.shape).to(m.weight))
+
+@torch.no_grad()
+def refit_to_teacher(student:nn.Module, # a sub-network of `teacher` compacted by fastslim (it records `slim_kept`), or one with the teacher's widths
+                     teacher:nn.Module, # the network the student was compacted from: same layer names
+                     batches, # input batches: tensors, or tuples of the model's inputs
+                     positions:int=16, # sampled output positions per sample and layer (rows of each least-squares fit)
+                     ridge:float=1e-2, # pull toward the current weights, relative to the mean input energy
+                     seed:int=0, # seed of the sampled positions
+                    ) -> nn.Module:
+    "Closed-form distillation: refit every conv and linear layer, in forward order, to reproduce the teacher's same channels from the student's own inputs"
+    check_count(positions, 'positions'); check_nonneg(ridge, 'ridge')
+    batches = [tuple(plain(t) for t in as_inputs(b)) for b in batches]   # fastai's TensorImage as a plain tensor
+    if not batches: raise ValueError("`batches` is empty: `refit_to_teacher` needs at least one input batch")
+    t_mods = dict(teacher.named_modules())
+    layers = [(n, m) for n, m in student.named_modules() if _refittable(m)]
+    missing = [n for n, _ in layers if n not in t_mods]
+    if missing: raise ValueError(f"`teacher` has no layers {missing[:4]}: `refit_to_teacher` pairs the student's layers with the teacher's of the same name")
+    chans = {n: _teacher_channels(student, teacher, n, out_width(m)) for n, m in layers}   # every check before a weight changes
+    _copy_bn_stats(student, teacher)                     # the teacher's statistics: what each refitted layer's outputs should match
+    with eval_mode(student), eval_mode(teacher):
+        for i, (n, m) in enumerate(layers):
+            X, Y = [], []
+            for j, xb in enumerate(batches):
+                g = torch.Generator().manual_seed(seed + 1000*i + j)
+                idx, x = _layer_io(student, n, xb, lambda a, o: _rows(m, a.float(), positions, g))
+                y = _layer_io(teacher, n, xb, lambda a, o: _out_rows(m, o.float(), idx))
+                X.append(x); Y.append(y if chans[n] is None else y[:, chans[n]])
+            _refit_layer(m, torch.cat(X).double(), torch.cat(Y).double(), ridge)
+    return student
+
 # %% ../nbs/50_distill.ipynb #d6d40ff8
 def _check_features(features):
     "`features` as a list of (student layer, teacher layer) name pairs, or 'batchnorms' (every BatchNorm layer, resolved at `fit`)"
@@ -183,6 +283,8 @@ class DistillCallback(Callback):
         dkd_alpha:float=1., # DKD's weight of the target-class term
         dkd_beta:float=8., # DKD's weight of the non-target-class term
         at_p:float=2., # Exponent of the attention maps
+        refit:bool=False, # Before the first fit, refit the student's layers to the teacher's channels (`refit_to_teacher`)
+        refit_batches:int=4, # Training batches `refit` solves on
     ):
         self.teacher = _check_teacher(teacher)
         self.logit_loss = check_choice(loss, {'kd', 'dkd'}, 'loss')
@@ -199,7 +301,8 @@ class DistillCallback(Callback):
         self.dkd_alpha, self.dkd_beta = check_nonneg(dkd_alpha, 'dkd_alpha'), check_nonneg(dkd_beta, 'dkd_beta')
         self.at_p = check_nonneg(at_p, 'at_p')
         if self.at_p == 0: raise ValueError("`at_p` must be > 0")
-        self.adapters, self.last, self._record, self._unlabelled = None, {}, False, False
+        self.refit, self.refit_batches = check_bool(refit, 'refit'), check_count(refit_batches, 'refit_batches')
+        self.adapters, self.last, self._record, self._unlabelled, self._refitted = None, {}, False, False, False
         self._s_hooks = self._t_hooks = None
 
     def before_fit(self):
@@ -218,9 +321,19 @@ class DistillCallback(Callback):
         for p in teacher.parameters(): p.grad = None
         self._s_hooks = Hooks(s_mods, self._store, detach=False)
         self._t_hooks = Hooks(t_mods, self._store, detach=True)
-        try: self._probe()
+        try:
+            self._probe()
+            if self.refit and not self._refitted: refit_to_teacher(student, teacher, self._refit_inputs()); self._refitted = True
         except Exception: self._remove_hooks(); raise
         self._add_adapters()
+
+    def _refit_inputs(self):
+        "The inputs of the first `refit_batches` training batches, on the student's device"
+        res = []
+        for b in self.dls.train:
+            res.append(split_batch(to_device(b, self._device), getattr(self.dls, 'n_inp', None))[0])
+            if len(res) == self.refit_batches: break
+        return res
 
     def _resolve_pairs(self, student):
         "The (student, teacher) layer pairs: `features`, with 'batchnorms' meaning every BatchNorm layer of the student"

@@ -475,11 +475,13 @@ class SlimRun:
         learn, cfg = self.learn, self.cfg
         self.method.compact(self)
         plan = plan_of(learn.model)   # unstructured masks stay on the (uncompacted) model
-        cbs = self.teacher()
+        cbs = self.teacher(refit=self.cfg.distill_kw.get('refit', False))
         self.fit('stage 3/3: fine-tuning' + (' with distillation' if cfg.distill else ''), cfg.finetune_epochs, cbs + ([MaskCallback(plan)] if plan else []))
         self.st.finish('finetune', learn.model, **self.record('finetune'))
 
-    def teacher(self): return [DistillCallback(copy.deepcopy(self.dense).eval(), **self.cfg.distill_kw)] if self.cfg.distill else []
+    def teacher(self, refit:bool=False):
+        "The distillation callback; with `refit` (fine-tuning only, never the int8 stage) it starts with `refit_to_teacher`"
+        return [DistillCallback(copy.deepcopy(self.dense).eval(), **{**self.cfg.distill_kw, 'refit': refit})] if self.cfg.distill else []
 
     def quantize(self):
         "Stage 4: int8, by quantisation-aware training with the dense teacher ('qat') or calibration on training batches ('ptq')"

@@ -1,5 +1,5 @@
 "DistillCallback: loss values on hand-made tensors, a frozen teacher, training-only loss, fastai integration on digits."
-import math, warnings
+import copy, math, warnings
 import numpy as np
 import pytest
 import torch
@@ -308,3 +308,100 @@ def test_unlabelled_batches_learn_from_the_teacher(teacher):
     assert learn.validate()[1] > 0.5                           # learned from the teacher alone (chance is 0.1)
     nothing = Learner(unl, cnn(8), CrossEntropyLossFlat(), cbs=DistillCallback(teacher, alpha=0.))
     with pytest.raises(ValueError, match='nothing to learn'), nothing.no_bar(), nothing.no_logging(): nothing.fit(1, 1e-2)
+
+# ---------------------------------------------------------------- refit_to_teacher: closed-form channel-matched start
+
+def _logit_error(student, teacher, x):
+    with torch.no_grad(): s, t = student.eval()(x), teacher.eval()(x)
+    return float((s - t).pow(2).mean() / t.pow(2).mean())
+
+def test_refit_brings_a_compacted_student_back(teacher):
+    "Digits teacher pruned to a quarter of its channels: the refit (no labels, no gradient) restores most of the accuracy"
+    _, student = _compacted(teacher, ratio=0.75)
+    t0 = state_of(teacher)
+    dls = digits_dls(bs=64)
+    xs = [b[0] for b, _ in zip(dls.train, range(4))]
+    before = learner(student).validate()[1]
+    refit = refit_to_teacher(copy.deepcopy(student), teacher, xs)
+    after = learner(refit).validate()[1]
+    assert after > before + 0.4 and after > 0.75, (before, after)
+    assert _logit_error(refit, teacher, xs[0]) < 0.5 * _logit_error(student, teacher, xs[0])
+    assert same_state(state_of(teacher), t0)
+    for n, b in refit.named_modules():          # BatchNorm statistics: the teacher's, at the kept channels
+        if isinstance(b, nn.BatchNorm2d):
+            assert torch.equal(b.running_mean, teacher.get_submodule(n).running_mean[refit.slim_kept[n]])
+
+def test_refit_is_exact_when_the_student_is_the_teacher(teacher):
+    "Same widths and weights: the least squares reproduces the teacher's layers, so the outputs are unchanged"
+    student = copy.deepcopy(teacher)
+    x = torch.cat([b[0] for b, _ in zip(digits_dls(bs=64).train, range(4))])
+    with torch.no_grad(): y0 = teacher(x)
+    refit_to_teacher(student, teacher, [x], positions=32, ridge=0.)
+    with torch.no_grad(): assert torch.allclose(student(x), y0, atol=1e-3, rtol=1e-3)
+
+def test_refit_on_torchvision_and_timm_resnets():
+    "Compacted torchvision and timm ResNet-18s (random weights, residual streams, downsample shortcuts): the refit moves the logits toward the teacher's"
+    import timm, torchvision
+    from fastslim.plan import SlimPlan
+    for make in (lambda: torchvision.models.resnet18(num_classes=10), lambda: timm.create_model('resnet18', num_classes=10)):
+        torch.manual_seed(0)
+        t = make().eval()
+        with torch.no_grad():                                   # non-trivial BatchNorm statistics
+            t.train(); [t(torch.randn(8, 3, 32, 32)) for _ in range(3)]; t.eval()
+        plan = SlimPlan(copy.deepcopy(t), torch.randn(2, 3, 32, 32))
+        plan.select(plan.l1_scores(), ratio=0.5, scope='local')
+        s = plan.compact()
+        xs = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+        err0 = _logit_error(s, t, xs[0])
+        refit_to_teacher(s, t, xs)
+        assert _logit_error(s, t, xs[0]) < 0.5 * err0
+
+def test_refit_bad_input_before_any_weight_changes(teacher):
+    _, student = _compacted(teacher)
+    x = torch.randn(8, 1, 8, 8)
+    before = state_of(student)
+    with pytest.raises(ValueError, match='`batches`'): refit_to_teacher(student, teacher, [])
+    with pytest.raises(ValueError, match='positions'): refit_to_teacher(student, teacher, [x], positions=0)
+    with pytest.raises(ValueError, match='ridge'): refit_to_teacher(student, teacher, [x], ridge=-1)
+    with pytest.raises(ValueError, match='teacher.*no layers'): refit_to_teacher(student, nn.Sequential(nn.Linear(64, 10)), [x])
+    del student.slim_kept
+    with pytest.raises(ValueError, match='slim_kept'): refit_to_teacher(student, teacher, [x])
+    assert same_state(state_of(student), before)
+    with pytest.raises(ValueError, match='refit'): DistillCallback(refit='yes')
+    with pytest.raises(ValueError, match='refit_batches'): DistillCallback(refit_batches=0)
+
+def test_callback_refits_once_on_image_batches(teacher, monkeypatch):
+    "DistillCallback(refit=True) on fastai `TensorImage` batches: refits at the first fit only, a second fit keeps what the first trained"
+    import fastslim.distill as D
+    from fastai.vision.all import TensorImage, Transform
+    calls = []
+    def spy(*a, **k): calls.append(type(a[2][0][0])); return real(*a, **k)
+    real = D.refit_to_teacher
+    monkeypatch.setattr(D, 'refit_to_teacher', spy)
+    _, student = _compacted(teacher, ratio=0.75)
+    pruned_acc = learner(copy.deepcopy(student)).validate()[1]
+    cb = DistillCallback(teacher, refit=True)
+    learn = learner(student, cb)
+    dls = learn.dls
+    dls.train.after_batch.add(Transform(lambda b: TensorImage(b) if b.ndim == 4 else b))   # what ImageDataLoaders yields
+    assert isinstance(dls.one_batch()[0], TensorImage)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.)      # lr 0: only the refit moves the weights
+    assert len(calls) == 1 and calls[0] is torch.Tensor         # the refit saw plain tensors
+    assert learn.validate()[1] > pruned_acc + 0.4
+    w = [p.detach().clone() for p in learn.model.parameters()]   # (BatchNorm statistics still move in train mode)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(w, learn.model.parameters()))
+
+def test_slim_refit_is_an_option(monkeypatch):
+    "`learn.slim` refits only with `refit=True`, and only in fine-tuning"
+    import fastslim.distill as D, fastslim.slim  # noqa: F401  (Learner.slim)
+    calls = []
+    real = D.refit_to_teacher
+    monkeypatch.setattr(D, 'refit_to_teacher', lambda *a, **k: calls.append(1) or real(*a, **k))
+    for refit, n in ((None, 0), (True, 1)):
+        set_seed(0); calls.clear()
+        learn = quiet_fit(learner(cnn(8)), 1)
+        kw = {} if refit is None else dict(refit=refit)
+        with learn.no_bar(), learn.no_logging():
+            learn.slim('l1', target_macs=0.3, prune_epochs=0, finetune_epochs=1, measure_speed=False, **kw)
+        assert len(calls) == n
