@@ -8,6 +8,8 @@ re-estimated), and the SAME compacted student (deep copies) is recovered by each
 * `kd`: `DistillCallback(dense, T, alpha)` (Hinton logit KD from the dense network).
 * `kd+match`: the same plus the channel-matched BatchNorm feature hints (`features='batchnorms', feature_loss={'match': w}`;
   the student's `slim_kept` picks the teacher's channels, no adapter).
+* `rec`: `refit_to_teacher` (each conv/linear refitted in closed form to the dense network's same channels, on 4 batches
+  of images, labels unused), then plain fine-tuning; `rec+kd`: `DistillCallback(dense, T, alpha, refit=True)`.
 * `scratch`: the student's architecture from fresh weights (`fastslim.prune.scratch_model`), same epochs, and
   `scratch4x`: 4x the epochs. (The paper's Scratch-B, the dense training's compute, is 3*10 = 30 to 3*30 = 90 epochs here:
   not run, see the header of the results.)
@@ -29,7 +31,7 @@ from fastai.vision.all import Learner, accuracy, set_seed, Adam, CrossEntropyLos
 from fastslim.core import count_macs
 from fastslim.data import npz_dls
 from fastslim.models import CifarVGG, CifarResNet
-from fastslim.distill import DistillCallback
+from fastslim.distill import DistillCallback, refit_to_teacher
 from fastslim.prune import scratch_model
 from fastslim.slim import accuracy_of
 import fastslim.slim  # Learner.slim
@@ -43,7 +45,7 @@ NETS = {   # the same nets as bench/peers.py
                                       stage_widths=[_w(16, k), _w(32, k), _w(64, k)]),
 }
 LR, WD, BS = 1e-2, 5e-4, 128
-RECIPES = ['plain', 'kd', 'kd+match', 'scratch', 'scratch4x']
+RECIPES = ['plain', 'kd', 'kd+match', 'rec', 'rec+kd', 'scratch', 'scratch4x']
 
 class MixedDL:
     "Training batches of `bs`: labelled (x, y) from indices `lab`, unlabelled (x,) from `unl`, shuffled together; `n_batches` per epoch (labelled cycled)"
@@ -97,9 +99,9 @@ def fit(learn, n, cbs=()):
     with learn.no_logging(): learn.fit_one_cycle(n, LR, cbs=list(cbs))
     return learn
 
-def kd_cbs(dense, T, alpha, match):
+def kd_cbs(dense, T, alpha, match, refit=False):
     fk = dict(features='batchnorms', feature_loss={'match': match}) if match else {}
-    return [DistillCallback(copy.deepcopy(dense).eval(), T=T, alpha=alpha, **fk)]
+    return [DistillCallback(copy.deepcopy(dense).eval(), T=T, alpha=alpha, refit=refit, **fk)]
 
 def dense_and_students(net, seed, targets, a, dls, x):
     set_seed(seed)
@@ -115,10 +117,13 @@ def dense_and_students(net, seed, targets, a, dls, x):
 def recover(recipe, dense, small, dls, frac, seed, a, T=None, alpha=None, match=None):
     "Test accuracy of `small` (a deep copy) after `recipe`"
     set_seed(seed)
-    if recipe.startswith('kd'):
+    if recipe in ('kd', 'kd+match', 'rec+kd'):
         l = learner(loaders(dls, frac, seed, True), copy.deepcopy(small))
         m = (a.match if match is None else match) if recipe == 'kd+match' else 0.
-        fit(l, a.finetune, kd_cbs(dense, a.T if T is None else T, a.alpha if alpha is None else alpha, m))
+        fit(l, a.finetune, kd_cbs(dense, a.T if T is None else T, a.alpha if alpha is None else alpha, m, refit=recipe == 'rec+kd'))
+    elif recipe == 'rec':   # the refit alone (on 4 batches of images, labels unused), then plain fine-tuning
+        xs = [b[0] for b, _ in zip(loaders(dls, frac, seed, True).train, range(4))]
+        l = fit(learner(loaders(dls, frac, seed, False), refit_to_teacher(copy.deepcopy(small), copy.deepcopy(dense).eval(), xs)), a.finetune)
     elif recipe == 'plain': l = fit(learner(loaders(dls, frac, seed, False), copy.deepcopy(small)), a.finetune)
     else:
         l = learner(loaders(dls, frac, seed, False), scratch_model(small, seed=seed))
@@ -167,12 +172,13 @@ def table(rows):
     nets = [n for n in NETS if any(r['net'] == n for r in rows)]
     fracs = sorted({r['labels'] for r in rows}, reverse=True)
     recipes = [rc for rc in RECIPES if any(r['recipe'] == rc for r in rows)]
+    diffs = [rc for rc in ('kd', 'kd+match', 'rec', 'rec+kd') if rc in recipes]   # per-seed differences against plain
     for net in nets:
         rn = [r for r in rows if r['net'] == net]
         seeds = sorted({r['seed'] for r in rn})
         out.append(f"\n{net}: dense {100*np.mean([r['dense'] for r in rn]):.2f} (mean of seeds {seeds}); test accuracy %, mean ± std over seeds")
         out.append(f"{'target':>7} {'MACs':>6} {'pruned':>7} {'labels':>6}  " + ''.join(f"{rc:>14}" for rc in recipes)
-                   + "   winner      kd-plain per seed          kd+match-plain per seed")
+                   + "   winner      " + '   '.join(f"{rc}-plain per seed" for rc in diffs))
         for t in sorted({r['target'] for r in rn}, reverse=True):
             rt = [r for r in rn if r['target'] == t]
             for frac in fracs:
@@ -184,11 +190,11 @@ def table(rows):
                                   else f"{100*np.mean(v):>7.2f} (n={len(v)})")
                 means = {rc: np.mean(list(v.values())) for rc, v in acc.items() if len(v) == n}   # the winner among complete cells
                 win = max(means, key=means.get)
-                d = lambda rc: ' '.join(f"{100*(acc[rc][s]-acc['plain'][s]):+5.2f}" for s in seeds if s in acc[rc] and s in acc['plain'])
+                d = lambda rc: ' '.join(f"{100*(acc[rc][s]-acc['plain'][s]):+5.2f}" for s in seeds if s in acc.get(rc, {}) and s in acc['plain'])
                 dm = lambda rc: (f" (mean {100*(means[rc]-means['plain']):+.2f})" if rc in means and 'plain' in means else '')
                 out.append(f"{1/t:>6.0f}x {np.mean([r['macs'] for r in rf]):6.3f} {100*np.mean([r['pruned'] for r in rf]):7.2f} {frac:>6g}  "
                            + ''.join(f"{cell(list(acc[rc].values())):>14}" for rc in recipes)
-                           + f"   {win:10}  {d('kd')}{dm('kd')}   {d('kd+match')}{dm('kd+match')}")
+                           + f"   {win:10}  " + '   '.join(f"{d(rc)}{dm(rc)}" for rc in diffs))
     return '\n'.join(out)
 
 def setup(threads):
