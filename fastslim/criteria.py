@@ -22,8 +22,8 @@ from .distrib import sum_ranks, mean_ranks
 _all_ = ['select_per_group']   # moved to fastslim.plan.select, still importable from here
 
 # %% auto #0
-__all__ = ['BN_REDUCTIONS', 'Criterion', 'register_criterion', 'list_criteria', 'get_criterion', 'group_consumers', 'bn_scores',
-           'magnitude_scores', 'l1_scores', 'l2_scores', 'L1Norm', 'thinet_order', 'ThiNet', 'lasso_order',
+__all__ = ['BN_REDUCTIONS', 'Criterion', 'register_criterion', 'list_criteria', 'get_criterion', 'refittable', 'group_consumers',
+           'bn_scores', 'magnitude_scores', 'l1_scores', 'l2_scores', 'L1Norm', 'thinet_order', 'ThiNet', 'lasso_order',
            'Regression', 'Slimming', 'SoftFilter', 'FPGM', 'Taylor', 'Magnitude', 'SSS', 'layer_error',
            'select_per_group']
 
@@ -123,7 +123,8 @@ def _batches(dls, n_batches:int, valid:bool=False, device=None):
     return res, n_inp or len(split_batch(res[0])[0])   # fastai's fallback: all items but the last are inputs
 
 # %% ../nbs/30_criteria.ipynb #9b8ad8e8
-def _supported(m):
+def refittable(m:nn.Module) -> bool:
+    "Layers a least-squares refit solves for: `nn.Linear` and ungrouped, zero-padded `nn.Conv2d`"
     if isinstance(m, nn.Linear): return True
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == 'zeros'
             and not isinstance(m.padding, str))
@@ -132,7 +133,7 @@ def group_consumers(plan:SlimPlan, group) -> list:
     "[(name, layer, input indices, group channel indices)] of the dense conv/linear layers reading `group`'s channels"
     res = {}
     for m, ins, outs in group.readers():
-        if not (isinstance(m, nn.Module) and _supported(m)): continue
+        if not (isinstance(m, nn.Module) and refittable(m)): continue
         name = plan.module_name(m)
         idxs, roots = res.get(name, (None, m, [], []))[2:]
         res[name] = (name, m, idxs + ins, roots + outs)

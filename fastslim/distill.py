@@ -19,6 +19,7 @@ from .checks import check_choice, check_nonneg, check_count, check_bool
 from .core import model_device, eval_mode, example_batch, as_inputs, split_batch, plain
 from .distrib import unwrap, sync_state, mean_ranks, sum_ranks, distributed
 from .plan.compact import out_width
+from .criteria import refittable
 
 # %% auto #0
 __all__ = ['feature_losses', 'default_feature_weights', 'kd_loss', 'dkd_loss', 'attention_map', 'at_loss', 'similarity_matrix',
@@ -116,11 +117,6 @@ default_feature_weights = {'at': 1000., 'sp': 3000., 'fitnet': 100., 'match': 1.
 # %% ../nbs/50_distill.ipynb #70d22ef7
 class _Stop(Exception): "Ends a forward pass once the layer of interest has been seen"
 
-def _refittable(m:nn.Module) -> bool:
-    "Layers `refit_to_teacher` solves for: `nn.Linear` and ungrouped, zero-padded `nn.Conv2d`"
-    if isinstance(m, nn.Linear): return True
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == 'zeros' and not isinstance(m.padding, str)
-
 def _rows(m:nn.Module, x:torch.Tensor, positions:int, g:torch.Generator):
     "Sampled (row indices, input rows) of layer `m` on input `x`: conv patches at `positions` output positions per sample, or linear inputs"
     if isinstance(m, nn.Linear):
@@ -196,7 +192,7 @@ def refit_to_teacher(student:nn.Module, # a sub-network of `teacher` compacted b
     batches = [tuple(plain(t) for t in as_inputs(b)) for b in batches]   # fastai's TensorImage as a plain tensor
     if not batches: raise ValueError("`batches` is empty: `refit_to_teacher` needs at least one input batch")
     t_mods = dict(teacher.named_modules())
-    layers = [(n, m) for n, m in student.named_modules() if _refittable(m)]
+    layers = [(n, m) for n, m in student.named_modules() if refittable(m)]   # the layers the criteria's reconstruction solves for
     missing = [n for n, _ in layers if n not in t_mods]
     if missing: raise ValueError(f"`teacher` has no layers {missing[:4]}: `refit_to_teacher` pairs the student's layers with the teacher's of the same name")
     chans = {n: _teacher_channels(student, teacher, n, out_width(m)) for n, m in layers}   # every check before a weight changes

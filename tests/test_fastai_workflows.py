@@ -1,5 +1,5 @@
 "fastslim in the workflows fastai users run: image folders, `ImageDataLoaders`/`DataBlock` batches (`TensorImage`), timm and torchvision models, `learn.export`/`load_learner`, the CLI on a folder, ONNX export of its output."
-import json, pickle, warnings
+import copy, json, pickle, warnings
 import pytest, torch, timm, torchvision
 from torch import nn
 from torch.utils.data import DataLoader as TorchDL, TensorDataset
@@ -250,3 +250,27 @@ def test_prune_callback_without_prunable_groups_is_a_clear_error():
     sd = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(ValueError, match='no channel group'): PruneCallback(ratio=0.5).prune_now(learn)
     assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in sd.items())
+
+def test_distill_refit_on_image_folder(folder):
+    "`DistillCallback(refit=True)` on `ImageDataLoaders` batches with a compacted timm ResNet-18: the refit (lr 0) moves the logits toward the teacher's"
+    dls = folder_dls(folder)
+    torch.manual_seed(0)
+    teacher = timm.create_model('resnet18', num_classes=dls.c)
+    for m in teacher.modules():                                         # BatchNorm statistics of these images: cumulative averages
+        if isinstance(m, nn.BatchNorm2d): m.reset_running_stats(); m.momentum = None
+    with torch.no_grad(): teacher.train(); [teacher(b[0].as_subclass(torch.Tensor)) for b in dls.train]
+    teacher.eval()
+    x = dls.one_batch()[0]
+    assert isinstance(x, TensorImage)
+    plan = SlimPlan(copy.deepcopy(teacher), x[:2])
+    plan.select(plan.l1_scores(), ratio=0.5, scope='local')
+    student = plan.compact()
+    def err(m):
+        with torch.no_grad(): s, t = m.eval()(x.as_subclass(torch.Tensor)), teacher(x.as_subclass(torch.Tensor))
+        return float((s - t).pow(2).mean() / t.pow(2).mean())
+    def fitted(refit):                                                  # lr 0: only the refit (and BatchNorm statistics) change
+        learn = Learner(dls, copy.deepcopy(student), metrics=accuracy, cbs=DistillCallback(teacher, refit=refit))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.)
+        return err(learn.model)
+    without, with_refit = fitted(False), fitted(True)
+    assert with_refit < 0.5 * without, (without, with_refit)
