@@ -49,7 +49,8 @@ class SlimMethod:
 
     def sparsity_cb(self, cfg, **kwargs):
         "The stage-1 callback: a proximal L1 penalty steered to the pruning budget, or held at `cfg.reg` when one is given"
-        return sparsity_callback(self.sparsity, ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, min_keep=cfg.min_keep, **kwargs)
+        return sparsity_callback(self.sparsity, ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, min_keep=cfg.min_keep,
+                                 **{**kwargs, **cfg.sparsity_kw})
 
     def prune(self, run):
         "Stage 2 on `run.learn`: select, apply and train with what the method removes held (`run.pruned` records it)"
@@ -135,7 +136,7 @@ class BlockMethod(SlimMethod):
         if cfg.schedule != 'one-shot': raise ValueError(f"method {cfg.method!r} removes its blocks at once: `schedule` must be 'one-shot', got {cfg.schedule!r}")
         if cfg.sparse_epochs < 1: raise ValueError(f"method {cfg.method!r} learns its branch scales in stage 1: `sparse_epochs` must be >= 1, got {cfg.sparse_epochs!r}")
 
-    def sparsity_cb(self, cfg): return sparsity_callback('blocks', ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg)
+    def sparsity_cb(self, cfg): return sparsity_callback('blocks', ratio=cfg.ratio, target_macs=cfg.target_macs, reg=cfg.reg, **cfg.sparsity_kw)
 
     def prune(self, run):
         learn = run.learn
@@ -210,6 +211,7 @@ class SlimConfig:
     latency_kw:dict=field(default_factory=dict) # `LatencyModel` options with `target_latency` (`runtime`, `bs`, `threads`, `timer`, `cache_dir`, ...)
     prune_kw:dict=field(default_factory=dict) # more `PruneCallback` and criterion options (`scope`, `soft`, `n_steps`, `n_batches`...)
     distill_kw:dict=field(default_factory=dict) # `DistillCallback` options (`T`, `alpha`, `loss`, `features`, ...)
+    sparsity_kw:dict=field(default_factory=dict) # more stage-1 callback options (`SparsityCallback`'s `settle`, `every`, `mode`, ...)
 
     def __post_init__(self):
         m, put = get_method(self.method), lambda k, v: object.__setattr__(self, k, v)
@@ -227,6 +229,7 @@ class SlimConfig:
         self._check_kw()
         self._check_widths(m)
         m.check(self)
+        self._check_sparsity_kw(m)
 
     def _check_budget(self):
         "Exactly one budget: `ratio`, `target_macs` or `target_latency` (a fraction, or milliseconds written as '2.5ms'); `latency_kw` only with the last"
@@ -267,6 +270,19 @@ class SlimConfig:
         if self.distill: DistillCallback(None, **self.distill_kw)
         elif self.distill_kw: raise ValueError(f"{sorted(self.distill_kw)} configure distillation, but `distill` is False")
 
+    def _check_sparsity_kw(self, m):
+        "`sparsity_kw`: a dict for a method with a sparsity stage that runs, none of the options `learn.slim` sets, checked by building the callback"
+        if not isinstance(self.sparsity_kw, dict): raise ValueError(f"`sparsity_kw` must be a dict, got {self.sparsity_kw!r}")
+        object.__setattr__(self, 'sparsity_kw', dict(self.sparsity_kw))
+        if not self.sparsity_kw: return
+        if not m.sparsity or not self.sparse_epochs:
+            why = f"method {self.method!r} has no sparsity stage" if not m.sparsity else "`sparse_epochs` is 0"
+            raise ValueError(f"`sparsity_kw` {sorted(self.sparsity_kw)} configures the sparsity stage, but {why}")
+        own = sorted(set(self.sparsity_kw) & {'kind', 'ratio', 'target_macs', 'reg', 'min_keep', 'target', 'plan'})
+        if own: raise ValueError(f"`sparsity_kw` sets {own}, which `learn.slim` sets itself: give them as options of their own")
+        try: m.sparsity_cb(self)   # unknown options and bad values fail here, before any training
+        except TypeError as e: raise ValueError(f"`sparsity_kw`: {e}") from None
+
     @classmethod
     def from_kwargs(cls, method:str='slimming', **kwargs):
         "A config from `learn.slim`'s keywords: fields by name, `DistillCallback`'s options into `distill_kw`, the rest into `prune_kw`"
@@ -290,6 +306,7 @@ class SlimConfig:
         "What a resume must find unchanged: every field that changes what is trained"
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_TRAINED}
         if d['target_latency'] is None and not d['latency_kw']: del d['target_latency'], d['latency_kw']   # runs saved before these fields resume
+        if not d['sparsity_kw']: del d['sparsity_kw']
         return d
 
 # %% ../nbs/70_slim.ipynb #fc18d7e0

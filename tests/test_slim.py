@@ -104,7 +104,8 @@ def test_resume_finished_run(tmp_path, monkeypatch):
     assert r.slim['macs'] == first.slim['macs']
     assert r.slim['accuracy'] == pytest.approx(first.slim['accuracy'])
 
-@pytest.mark.parametrize('change', [dict(target_macs=0.5), dict(min_keep=0.2), dict(T=2.), dict(n_steps=2), dict(lr=2e-2)])
+@pytest.mark.parametrize('change', [dict(target_macs=0.5), dict(min_keep=0.2), dict(T=2.), dict(n_steps=2), dict(lr=2e-2),
+                                    dict(sparsity_kw=dict(settle=0.25))])
 def test_resume_with_other_settings(tmp_path, change):
     "Any option that changes what is trained stops a resume: the budget, `min_keep`, a distillation or pruning option, `lr`"
     base = _dense(0, 1, cfg=[16, 'M', 32, 'M', 64])
@@ -113,6 +114,18 @@ def test_resume_with_other_settings(tmp_path, change):
     with pytest.raises(ValueError, match='other settings'):
         _slim(learn, 'slimming', path=tmp_path, resume=True, **{**SETTINGS, **change})
     assert _same(sd, _state(learn.model))
+
+@pytest.mark.filterwarnings('ignore:learn.slim. sparsity training cost:UserWarning')
+def test_sparsity_kw_reaches_the_stage(monkeypatch):
+    "`sparsity_kw` configures the stage-1 callback the run trains with, and the removed channels end at exact zeros"
+    from fastslim.sparsity import SparsityCallback
+    seen, after_fit = [], SparsityCallback.after_fit
+    def spy(self): seen.append((self.settle, self.every, int((self.targeted() == 0).sum()), self.targeted().numel())); after_fit(self)
+    monkeypatch.setattr(SparsityCallback, 'after_fit', spy)
+    _slim(_dense(0, 1, cfg=[16, 'M', 32, 'M', 64]), 'slimming', target_macs=0.5, sparse_epochs=1, prune_epochs=0, finetune_epochs=0,
+          sparsity_kw=dict(settle=0.3, every=5))
+    (settle, every, zeros, n), = seen
+    assert (settle, every) == (0.3, 5) and n > 0 and zeros == n
 
 def test_resume_ignores_what_only_reports(tmp_path, monkeypatch):
     "`strict`, `tolerance` and `measure_speed` change what is reported or whether to stop, not what is trained: a resume accepts them"
