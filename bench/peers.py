@@ -13,6 +13,8 @@ stage (`--sparse` + `--finetune` epochs) for every row. Rows:
   only when fasterai imports (`pip install -e ".[bench]"`), else reported as not run.
 * `fs_slimming`: `learn.slim('slimming', target_macs=t)` at its defaults (a budget-steered proximal L1 stage,
   the global BN-scale threshold, BatchNorm statistics re-estimated, compaction, distillation from the dense network).
+* `fs_slimming_sV` (with `--settle V ...`): the same with `sparsity_kw=dict(settle=V)`, the sparsity stage's share in
+  which the removed channels are held at zero (measured against the default in one run).
 * `fs_l1`: `learn.slim('l1', target_macs=t)`: one-shot L1 at the start, then distillation fine-tuning for all epochs.
 * `scratch_b`: the `fs_slimming` architecture from fresh weights for the dense run's compute (`fastslim.prune.scratch_b`).
 
@@ -104,6 +106,15 @@ def run_one(net, opt, seed, targets, a, dls, x):
             if 'fs_slimming' in rows:
                 out.append({**base, **row('fs_slimming', dls, dense, l.model, x, t, opt, total,
                                           dict(sparse=st['sparse'], pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)})
+        for v in a.settle:   # the same row with another `settle` of the sparsity stage (its default is the fs_slimming row)
+            t0 = time.process_time(); set_seed(seed)
+            l = learner(dls, copy.deepcopy(dense), opt)
+            with l.no_logging():
+                r = l.slim('slimming', target_macs=t, sparse_epochs=a.sparse, prune_epochs=0, finetune_epochs=a.finetune,
+                           lr=OPTS[opt][1], measure_speed=False, sparsity_kw=dict(settle=v))
+            st = {s['stage']: s['accuracy'] for s in r.stages}
+            out.append({**base, **row(f'fs_slimming_s{v:g}', dls, dense, l.model, x, t, opt, total,
+                                      dict(sparse=st['sparse'], pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)})
             if 'scratch_b' in rows:
                 t0 = time.process_time()
                 sb = scratch_b(dls, small_arch, a.dense, count_macs(dense, x), lr=OPTS[opt][1], seed=seed, metrics=accuracy,
@@ -193,6 +204,7 @@ def main():
     p.add_argument('--dense', type=int, default=4, help='dense epochs')
     p.add_argument('--sparse', type=int, default=4, help='sparsity epochs (rows without that stage fine-tune them)')
     p.add_argument('--finetune', type=int, default=3)
+    p.add_argument('--settle', type=float, nargs='*', default=[], help="extra fs_slimming rows with these `settle` values of its sparsity stage")
     p.add_argument('--tp_reg', type=float, default=1e-5, help="BNScalePruner's reg (its default)")
     p.add_argument('--threads', type=int, default=1)
     a = p.parse_args()

@@ -197,7 +197,7 @@ class SparsityCallback(PenaltyCallback):
         ratio:float=None,       # Budget: share of channels the pruning will remove, in [0, 1) (as `PruneCallback`)
         target_macs:float=None, # Budget instead of `ratio`: MACs after pruning as a fraction of the dense MACs, in (0, 1)
         min_keep:int|float=None, # With a budget: the pruning's floor per group (default: `fastslim.core.defaults.min_keep`)
-        settle:float=0.5,       # With a budget: last fraction of the stage in which the removed channels stay at zero
+        settle:float=0.75,      # With a budget: last fraction of the stage in which the removed channels stay at zero
         reduce:str='sum',       # With a budget and `target`='bn': how a group's BatchNorm scales combine in the ranking, as the pruning's `bn_scores`
         every:int=10,           # With a budget: optimizer steps between re-rankings of the channels to remove
         refresh_bn:int=8,       # Re-estimate BatchNorm statistics on this many recent training batches before each validation (0: off)
