@@ -95,32 +95,28 @@ def run_one(net, opt, seed, targets, a, dls, x):
     for t in targets:
         base = dict(net=net, opt=opt, seed=seed, target=t)
         rows = set(a.rows)
+        def slimming(name, **kw):
+            "learn.slim('slimming') on a copy of the dense network: its row and the compacted model"
+            t0 = time.process_time(); set_seed(seed)
+            l = learner(dls, copy.deepcopy(dense), opt)
+            with l.no_logging():
+                r = l.slim('slimming', target_macs=t, sparse_epochs=a.sparse, prune_epochs=0, finetune_epochs=a.finetune,
+                           lr=OPTS[opt][1], measure_speed=False, **kw)
+            st = {s['stage']: s['accuracy'] for s in r.stages}
+            return {**base, **row(name, dls, dense, l.model, x, t, opt, total,
+                                  dict(sparse=st['sparse'], pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)}, l.model
         if 'fs_slimming' in rows or 'scratch_b' in rows:
-            t0 = time.process_time(); set_seed(seed)
-            l = learner(dls, copy.deepcopy(dense), opt)
-            with l.no_logging():
-                r = l.slim('slimming', target_macs=t, sparse_epochs=a.sparse, prune_epochs=0, finetune_epochs=a.finetune,
-                           lr=OPTS[opt][1], measure_speed=False)
-            st = {s['stage']: s['accuracy'] for s in r.stages}
-            small_arch = copy.deepcopy(l.model)
-            if 'fs_slimming' in rows:
-                out.append({**base, **row('fs_slimming', dls, dense, l.model, x, t, opt, total,
-                                          dict(sparse=st['sparse'], pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)})
-        for v in a.settle:   # the same row with another `settle` of the sparsity stage (its default is the fs_slimming row)
-            t0 = time.process_time(); set_seed(seed)
-            l = learner(dls, copy.deepcopy(dense), opt)
-            with l.no_logging():
-                r = l.slim('slimming', target_macs=t, sparse_epochs=a.sparse, prune_epochs=0, finetune_epochs=a.finetune,
-                           lr=OPTS[opt][1], measure_speed=False, sparsity_kw=dict(settle=v))
-            st = {s['stage']: s['accuracy'] for s in r.stages}
-            out.append({**base, **row(f'fs_slimming_s{v:g}', dls, dense, l.model, x, t, opt, total,
-                                      dict(sparse=st['sparse'], pruned=st['pruned (BN stats only)'], final=st['finetune']), t0)})
+            r, small = slimming('fs_slimming')
+            small_arch = copy.deepcopy(small)
+            if 'fs_slimming' in rows: out.append(r)
             if 'scratch_b' in rows:
                 t0 = time.process_time()
                 sb = scratch_b(dls, small_arch, a.dense, count_macs(dense, x), lr=OPTS[opt][1], seed=seed, metrics=accuracy,
                                opt_func=OPTS[opt][0], **({} if OPTS[opt][2] is None else dict(wd=OPTS[opt][2])))
                 out.append({**base, **row('scratch_b', dls, dense, sb.model, x, t, opt, sb.n_epoch, dict(final=accuracy_of(sb)), t0,
                                           dict(epochs=sb.n_epoch))})
+        for v in a.settle:   # the same row with another `settle` of the sparsity stage (its default is the fs_slimming row)
+            out.append(slimming(f'fs_slimming_s{v:g}', sparsity_kw=dict(settle=v))[0])
         if 'fs_l1' in rows:
             t0 = time.process_time(); set_seed(seed)
             l = learner(dls, copy.deepcopy(dense), opt)

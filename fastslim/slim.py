@@ -179,6 +179,7 @@ _DISTILL_OPTIONS = tuple(p for p in inspect.signature(DistillCallback.__init__).
 _SET_BY_SLIM = ('ratio', 'target_macs', 'target_latency', 'latency_kw', 'criterion', 'granularity', 'schedule', 'start', 'end', 'min_keep', 'verify', 'plan')
 _SEARCH_OPTIONS = tuple(p for p in inspect.signature(search_widths).parameters
                         if p not in ('learn', 'target_macs', 'criterion', 'min_keep', 'round_to', 'path'))
+_SPARSITY_SET_BY_SLIM = ('kind', 'ratio', 'target_macs', 'reg', 'min_keep', 'target', 'plan', 'reduce')   # `reduce` follows the criterion
 _NOT_TRAINED = ('tolerance', 'strict', 'measure_speed')   # change what is reported or whether to stop, not the weights
 
 def _check_min_keep(v):
@@ -278,7 +279,7 @@ class SlimConfig:
         if not m.sparsity or not self.sparse_epochs:
             why = f"method {self.method!r} has no sparsity stage" if not m.sparsity else "`sparse_epochs` is 0"
             raise ValueError(f"`sparsity_kw` {sorted(self.sparsity_kw)} configures the sparsity stage, but {why}")
-        own = sorted(set(self.sparsity_kw) & {'kind', 'ratio', 'target_macs', 'reg', 'min_keep', 'target', 'plan'})
+        own = sorted(set(self.sparsity_kw) & set(_SPARSITY_SET_BY_SLIM))
         if own: raise ValueError(f"`sparsity_kw` sets {own}, which `learn.slim` sets itself: give them as options of their own")
         try: m.sparsity_cb(self)   # unknown options and bad values fail here, before any training
         except TypeError as e: raise ValueError(f"`sparsity_kw`: {e}") from None
