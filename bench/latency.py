@@ -25,11 +25,19 @@ one row each) selects and checks itself end to end, and then this script
 times the result independently: exported by `export_onnx` (the deployment exporter), interleaved rounds with the dense
 model as above, medians. A budget is met when that measured ratio is at most 1.05 x the budget.
 
+Speed ceiling (`--part ceiling`, written to latency_ceiling.txt next to `--out`): can any ResNet-56 with every width a multiple of 8
+reach the goal's speed-up / MACs reduction of 0.9 at half the MACs? Every shape with uniform widths per stage (3 residual streams,
+3 inner widths, multiples of 8) whose MACs lie within 0.49-0.505 of the dense ones is timed in onnxruntime (1 thread, batch 1 and 8)
+against the dense model run by run, the fastest retimed, next to both libraries' selections, the narrowest shape (every width 8: the
+fastest a latency budget can get at round_to=8) and one conv timed at every output width (onnxruntime's channel blocks show as steps).
+`--round-to 8,16` adds rows rounded to 16 to the MACs part (onnxruntime's NCHWc block on AVX-512 CPUs).
+
     python bench/latency.py                      # MACs targets, about 10-15 minutes on 2 cores
+    python bench/latency.py --part ceiling       # the ResNet-56 ceiling, about 4 minutes
     python bench/latency.py --rounds 5 --models resnet56   # a quick look
     python bench/latency.py --part latency --models resnet56,mobilenet_v2   # latency targets (the section is rewritten in --out)
 """
-import copy, datetime, math, statistics, sys, tempfile, time, warnings
+import copy, datetime, itertools, math, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 import torch, torchvision, timm
 import torch_pruning as tp
@@ -103,7 +111,7 @@ def ratios(times, base, stat):
     r = [statistics.median(a) / statistics.median(b) for a, b in zip(times, base)]
     return statistics.median(r), quartiles(r)
 
-def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0, stat='median'):
+def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0, stat='median', round_tos=(8,)):
     make, kind = MODELS[name]
     side = 32 if kind == 'cifar' else size
     torch.manual_seed(0)
@@ -113,7 +121,7 @@ def bench_model(name, rounds, size, log, clock='wall', runs=3, warm=0, stat='med
     dense_macs = count_macs(dense, x1)
     variants = {('dense', None, None): dense}
     for target in (0.5, 0.25):
-        for r in (None, 8):
+        for r in (None, *round_tos):
             t0 = time.perf_counter()
             variants[('fastslim', target, r)] = fastslim_prune(make, x1, target, r)
             m, f, ratio = tp_at_macs(make, x1, target, r, dense_macs)
@@ -160,14 +168,16 @@ def verdicts(rows):
     out = []
     for model in dict.fromkeys(r['model'] for r in rows):
         rs = {(r['method'], r['target'], r['round_to']): r for r in rows if r['model'] == model}
-        fs = rs[('fastslim', 0.5, 8)]
-        eff = fs['macs'] / fs['ort bs8']
-        lo, hi = (fs['macs'] / q for q in reversed(fs['spread']['ort bs8']))
-        alt = ', '.join(f"{s}: {fs['macs'] / d['ort bs8']:.2f}" for s, d in fs['other'].items())
-        out.append(f"{model}: round_to=8 at MACs 0.5, onnxruntime bs8 speed-up / MACs reduction = {eff:.2f} "
-                   f"(rounds' 25-75%: {lo:.2f}-{hi:.2f}; goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'}; the same timings by {alt})")
+        for rt in [k[2] for k in rs if k[:2] == ('fastslim', 0.5) and k[2]]:
+            fs = rs[('fastslim', 0.5, rt)]
+            eff = fs['macs'] / fs['ort bs8']
+            lo, hi = (fs['macs'] / q for q in reversed(fs['spread']['ort bs8']))
+            alt = ', '.join(f"{s}: {fs['macs'] / d['ort bs8']:.2f}" for s, d in fs['other'].items())
+            goal = f"goal >= 0.9: {'met' if eff >= 0.9 else 'NOT met'}" if rt == 8 else 'the goal is stated for round_to=8'
+            out.append(f"{model}: round_to={rt} at MACs 0.5, onnxruntime bs8 speed-up / MACs reduction = {eff:.2f} "
+                       f"(rounds' 25-75%: {lo:.2f}-{hi:.2f}; {goal}; the same timings by {alt})")
         for target in (0.5, 0.25):
-            for r in (None, 8):
+            for r in [k[2] for k in rs if k[:2] == ('fastslim', target)]:
                 a, b = rs[('fastslim', target, r)], rs[('torch-pruning', target, r)]
                 out.append(f"  MACs {target} round_to={r}: fastslim / torch-pruning latency, ort bs1 {a['ort bs1']/b['ort bs1']:.2f}, "
                            f"ort bs8 {a['ort bs8']/b['ort bs8']:.2f}, torch bs8 {a['torch bs8']/b['torch bs8']:.2f} "
@@ -239,6 +249,104 @@ def latency_lines(rows, rounds, wall, stat='median', n=10):
     lines += ['', f"latency budgets met within 5% (measured <= 1.05 x target): {met} of {len(rows)}", f'wall time {wall:.0f} s']
     return lines
 
+CEIL_STAGES = ((16, 32, 32), (32, 16, 16), (64, 8, 8))   # ResNet-56: (width, output side, input side of its first block) per stage
+
+def resnet56_macs(s, i):
+    "MACs of the CIFAR ResNet-56 with stage widths `s` (its residual streams) and uniform inner widths `i` of each stage's blocks"
+    m, c = 9 * 3 * s[0] * 32 * 32, s[0]
+    for k, (_, hw, _) in enumerate(CEIL_STAGES):
+        a = hw * hw
+        m += 9 * a * (c * i[k] + i[k] * s[k]) + (a * c * s[k] if k else 0) + 8 * 9 * a * 2 * s[k] * i[k]   # first block (its 1x1 shortcut), then 8 more
+        c = s[k]
+    return m + c * 10
+
+def resnet56_shape(dense, x, s, i):
+    "A compacted copy of `dense` (fastslim's CIFAR ResNet-56) with stage widths `s` and inner widths `i` (each group keeps its first channels)"
+    plan = SlimPlan(copy.deepcopy(dense), x, min_keep=0.01, verify=False)
+    stream = {'features.stem.conv': s[0], 'features.stage2.0.shortcut.conv': s[1], 'features.stage3.0.shortcut.conv': s[2]}
+    for g in plan.groups:
+        w = stream.get(g.name) or i[int(g.name.split('.')[1][-1]) - 1]
+        g.keep.fill_(True); g.keep[w:] = False
+    return plan.compact().eval()
+
+def quick_onnx(m, p, x):
+    "`m` to ONNX by the TorchScript exporter, about 20x faster than `export_onnx`'s dynamo one; after onnxruntime's graph optimisations both give the same fused Conv nodes on these models"
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(m, (x,), str(p), dynamo=False, input_names=['x'], dynamic_axes={'x': {0: 'batch'}})
+
+def conv_steps(tmp, n=15, cin=64, side=8, bs=8):
+    "onnxruntime (1 thread) microseconds of one 3x3 conv from `cin` channels at `side`x`side`, batch `bs`, for output widths 8, 16, ..., `cin`: the runtime's channel block shows as steps"
+    x, out = torch.randn(bs, cin, side, side), {}
+    for w in range(8, cin + 1, 8):
+        m = torch.nn.Sequential(torch.nn.Conv2d(cin, w, 3, padding=1), torch.nn.ReLU()).eval()
+        p = Path(tmp)/f'conv{w}.onnx'; quick_onnx(m, p, x[:2])
+        s = ort_session(p, threads=1); onnx_latency(s, x, n=1, warmup=3)
+        out[w] = 1e6 * min(onnx_latency(s, x, n=1, warmup=0) for _ in range(n))
+    return out
+
+def ceiling(log, n=15, out='', lo=0.49, hi=0.505, step=8, top=3):
+    """How fast can ResNet-56 be at half its MACs with every width a multiple of `step`? Every shape with uniform widths per stage
+    (3 residual streams, 3 inner widths) whose MACs lie in [lo, hi] of the dense ones, timed in onnxruntime (1 thread, bs 1 and 8,
+    `export_onnx` files) against the dense model run by run; the fastest `top` timed again with 3x the runs, next to fastslim's
+    and Torch-Pruning's own selections at MACs 0.5 and the narrowest shape (every width `step`, the floor of a latency budget)"""
+    t0 = time.perf_counter()
+    make, _ = MODELS['resnet56']
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    X = {1: x, 8: torch.randn(8, 3, 32, 32)}
+    dense = make().eval()
+    D = count_macs(dense, x)
+    assert resnet56_macs((16, 32, 64), (16, 32, 64)) == D, 'the MACs formula no longer matches the zoo ResNet-56'
+    ws = [range(step, w + 1, step) for w, _, _ in CEIL_STAGES]
+    shapes = [(s, i) for s in itertools.product(*ws) for i in itertools.product(*ws) if lo <= resnet56_macs(s, i) / D <= hi]
+    log(f"  ceiling: {len(shapes)} shapes with MACs in [{lo}, {hi}] of the dense {D / 1e6:.1f} M")
+    with tempfile.TemporaryDirectory() as tmp:
+        def session(m, name):
+            p = Path(tmp)/f'{name}.onnx'; quick_onnx(m, p, X[8][:2])
+            s = ort_session(p, threads=1)
+            for v in X.values(): onnx_latency(s, v, n=1, warmup=3)
+            return s
+        ds = session(dense, 'dense')
+        def ratio(s, bs, k):
+            "fastest of `k` runs of `s` over the fastest of `k` runs of the dense model, alternating run by run"
+            a, b = [], []
+            for _ in range(k): a.append(onnx_latency(ds, X[bs], n=1, warmup=0)); b.append(onnx_latency(s, X[bs], n=1, warmup=0))
+            return min(b) / min(a)
+        def row(name, m, k, shape=None):
+            macs = count_macs(m, x) / D; s = session(m, 'v')
+            r1, r8 = ratio(s, 1, k), ratio(s, 8, k)
+            return dict(name=name, shape=shape, macs=macs, bs1=r1, bs8=r8, eff1=macs / r1, eff8=macs / r8)
+        rows = []
+        for j, (s, i) in enumerate(shapes):
+            if j % 20 == 0: log(f"  ceiling: shape {j} of {len(shapes)}, {time.perf_counter() - t0:.0f} s")
+            m = resnet56_shape(dense, x, s, i)
+            assert count_macs(m, x) == resnet56_macs(s, i)
+            rows.append(row(f'streams {s} inner {i}', m, n, (s, i)))
+        rows.sort(key=lambda r: -r['eff8'])
+        picked = rows[:top] + [r for r in [max(rows, key=lambda r: r['eff1'])] if r not in rows[:top]]
+        again = [row(r['name'], resnet56_shape(dense, x, *r['shape']), 3 * n, r['shape']) for r in picked]
+        plans = [row('fastslim L1, global, target_macs=0.5, round_to=8', fastslim_prune(lambda: copy.deepcopy(dense), x, 0.5, step), 3 * n),
+                 row('torch-pruning L1, global, same MACs, round_to=8', tp_at_macs(lambda: copy.deepcopy(dense), x, 0.5, step, D)[0], 3 * n),
+                 row(f'narrowest: every width {step}', resnet56_shape(dense, x, (step,) * 3, (step,) * 3), 3 * n)]
+        steps = conv_steps(tmp, 3 * n)
+    fmt = lambda r: f"{r['name']:52} {r['macs']:6.3f} {r['bs1']:8.3f} {r['eff1']:9.2f} {r['bs8']:8.3f} {r['eff8']:9.2f}"
+    head = f"{'shape':52} {'MACs':>6} {'ort bs1':>8} {'speed/MAC':>9} {'ort bs8':>8} {'speed/MAC':>9}"
+    b8, b1 = max(again, key=lambda r: r['eff8']), max(again, key=lambda r: r['eff1'])
+    lines = ['== ResNet-56 speed ceiling at half the MACs ==', f"python {' '.join(sys.argv)}",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, onnxruntime CPU, 1 thread, random weights, "
+             f"TorchScript-exported ONNX files (`quick_onnx`); each timing: the fastest of {n} runs (retimed: {3 * n}) over the dense model's fastest, run by run", '',
+             'latency columns: pruned / dense; speed/MAC: speed-up / MACs reduction (MACs / latency ratio); the goal of #19 is >= 0.9', '',
+             f'the fastest {top} of {len(shapes)} shapes by bs8 speed/MAC (and the fastest by bs1):', head, '-' * len(head)] + [fmt(r) for r in rows[:top]]
+    lines += ['', 'those retimed, then the selections of the two libraries and the narrowest shape:', head, '-' * len(head)] + [fmt(r) for r in again + plans]
+    lines += ['', f"one 3x3 conv, 64 input channels at 8x8, batch 8 (+ReLU), fastest of {3 * n} runs, microseconds by output width: "
+              + ', '.join(f'{w}: {t:.0f}' for w, t in steps.items())]
+    lines += ['', f"ceiling, among the {len(shapes)} shapes retimed: speed-up / MACs reduction {b8['eff8']:.2f} at bs8 ({b8['name']}), "
+              f"{b1['eff1']:.2f} at bs1 ({b1['name']}); goal 0.9 {'reachable' if max(b8['eff8'], b1['eff1']) >= 0.9 else 'NOT reached by any of them'}",
+              f"wall time {time.perf_counter() - t0:.0f} s"]
+    print('\n'.join(lines))
+    if out: Path(out).parent.mkdir(parents=True, exist_ok=True); Path(out).write_text('\n'.join(lines) + '\n')
+
 @call_parse
 def main(
     models:str='resnet50,mobilenet_v2,resnet56', # comma-separated names from MODELS
@@ -253,13 +361,15 @@ def main(
     stat:str='median', # what a timing reports: 'median' (MACs part: the median over rounds of each round's ratio) or 'min' (the fastest run: steadier on a shared machine)
     n:int=10, # latency targets: runs per timing
     lat_round_to:str='8', # latency targets: comma-separated `round_to` values, one row per budget each (1: no rounding)
+    round_to:str='8', # MACs part: comma-separated `round_to` values, each a pair of rows next to the unrounded ones
 ):
     warnings.filterwarnings('ignore')
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)
     if clock not in CLOCKS: raise ValueError(f"`clock` must be one of {list(CLOCKS)}, got {clock!r}")
-    if part not in ('macs', 'latency', 'all'): raise ValueError(f"`part` must be 'macs', 'latency' or 'all', got {part!r}")
+    if part not in ('macs', 'latency', 'all', 'ceiling'): raise ValueError(f"`part` must be 'macs', 'latency', 'all' or 'ceiling', got {part!r}")
+    if part == 'ceiling': return ceiling(log, n=n, out=str(Path(out).with_name('latency_ceiling.txt')) if out else '')
     if stat not in STATS: raise ValueError(f"`stat` must be one of {list(STATS)}, got {stat!r}")
     if part in ('latency', 'all'):
         with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +385,7 @@ def main(
         if part == 'latency': return
         t0 = time.perf_counter()
     rows = []
-    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock, runs, warm, stat)
+    for name in models.split(','): rows += bench_model(name, rounds, size, log, clock, runs, warm, stat, tuple(map(int, round_to.split(','))))
     how = ('the fastest run of each variant over the dense model\'s fastest run' if stat == 'min' else 'the median of the per-round ratios')
     lines = [f"python {' '.join(sys.argv)}", f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
              f"torch-pruning {tp.__version__}, 1 thread, random weights, {rounds} interleaved rounds x {runs} runs after {warm} warm-up, {clock} clock, stat {stat}", '',
