@@ -164,27 +164,51 @@ def _chans(m, side):
 
 def _macs(m, f, side): return m * (f[0] if side == 'both' else f[0]*f[1])
 
+def _shifted(mods, frac, effects, c):
+    "The (out, in) channel fractions of the layers in `effects` once `c` more channels of their group are removed (`c` < 0: given back)"
+    new = {}
+    for k, side in effects.items():
+        m, f = mods[k], list(frac[k])
+        for i, sd in ((0, 'out'), (1, 'in')):
+            if side in (sd, 'both') and _chans(m, sd): f[i] = min(1., max(0., f[i] - c/_chans(m, sd)))
+        new[k] = f
+    return new
+
+def _saved(mm, frac, new, effects):
+    "MACs saved going from channel fractions `frac` to `new` on the layers in `effects`"
+    return sum(_macs(mm[k], frac[k], side) - _macs(mm[k], new[k], side) for k, side in effects.items())
+
+def _give_back(taken, effects, mods, mm, frac, cur, goal):
+    "Keep removed steps again while the MACs stay within `goal`: each group's last step, the best-scored first; returns the MACs"
+    while True:
+        best = None
+        for gi, st in taken.items():
+            if not st: continue
+            new = _shifted(mods, frac, effects[gi], -st[-1][2])
+            cost = -_saved(mm, frac, new, effects[gi])
+            if cur + cost <= goal and (best is None or st[-1][0] > best[0]): best = (st[-1][0], gi, new, cost)
+        if best is None: return cur
+        _, gi, new, cost = best
+        frac.update(new); taken[gi].pop(); cur += cost
+
 def select_macs(plan, steps, target:float, round_to:int=1):
-    "(group index, unit) pairs, lowest steps (`chunks`) first, until the pruned MACs are `target` of the dense MACs"
+    "(group index, unit) pairs, lowest steps (`chunks`) first, until the pruned MACs are `target` of the dense MACs; removed steps that fit back under it are kept"
     mm = layer_macs(plan)
     mods = {id(m): m for m in plan.model.modules()}
     frac = {k: [1., 1.] for k in mm}
     effects = [_effects(plan, g) for g in plan.groups]
     cur, goal = float(plan.dense_macs), target * plan.dense_macs
-    removed, closed = [], set()
+    taken, closed = {}, set()   # {group index: [(score, units, channels)] of its removed steps, in order}
     for s, gi, us, c in sorted(steps, key=lambda c: c[0]):
         if cur <= goal: break
         if gi in closed: continue
-        new = {}
-        for k, side in effects[gi].items():
-            m, f = mods[k], list(frac[k])
-            for i, sd in ((0, 'out'), (1, 'in')):
-                if side in (sd, 'both') and _chans(m, sd): f[i] = max(0., f[i] - c/_chans(m, sd))
-            new[k] = f
-        saved = sum(_macs(mm[k], frac[k], side) - _macs(mm[k], new[k], side) for k, side in effects[gi].items())
+        new = _shifted(mods, frac, effects[gi], c)
+        saved = _saved(mm, frac, new, effects[gi])
         if round_to > 1 and not _take(cur - goal, saved, round_to): closed.add(gi); continue   # rounded steps: the nearest landing wins
         frac.update(new); cur -= saved
-        removed += [(gi, u) for u in us]
+        taken.setdefault(gi, []).append((s, us, c))
+    cur = _give_back(taken, effects, mods, mm, frac, cur, goal)   # the step that crossed the goal may have left room for smaller ones
+    removed = [(gi, u) for gi, st in taken.items() for _, us, _ in st for u in us]
     if cur - goal > 0.02 * plan.dense_macs:
         warnings.warn(f"`target_macs`={target} is out of reach: every group is at its floor (`min_keep`, rounded up by `round_to`={round_to}) "
                       f"at {cur / plan.dense_macs:.3f} of the dense MACs", stacklevel=6)   # the caller of SlimPlan.select
