@@ -238,19 +238,17 @@ def test_target_macs_within_2_percent(arch, target):
     s = plan.summary()
     assert abs(s.totals['macs_after'] / s.totals['macs_before'] - target) <= 0.02
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('seed', range(5))
 def test_target_macs_leaves_no_room(seed):
     "The removal that crosses a MACs budget can land far below it; the walk keeps again what fits: re-adding any group's best removed channel exceeds it"
     from fastslim.models import CifarResNet
     torch.manual_seed(seed)
-    model = CifarResNet(depth=20, num_classes=10, in_channels=1, stem_width=8, stage_widths=[8, 16, 32])
-    for b in model.modules():
-        if isinstance(b, nn.BatchNorm2d): b.weight.data.uniform_(0, 1)
+    model = randomize_bn(CifarResNet(depth=20, num_classes=10, in_channels=1, stem_width=8, stage_widths=[8, 16, 32]))
     plan = SlimPlan(model, torch.randn(2, 1, 28, 28), min_keep=0.1, verify=False)
     scores = plan.bn_scores()
     plan.select(scores, target_macs=0.1, verify=False)
     def macs(): t = plan.summary().totals; return t['macs_after'] / t['macs_before']
-    assert 0.098 <= macs() <= 0.1   # seed 1 landed at 0.089 before the walk gave back room
+    assert 0.098 <= macs() <= 0.1   # before the walk gave back room, seeds 2-4 landed at 0.0964, 0.0967 and 0.0883
     for g in plan.groups:
         idx = (~g.keep).nonzero().flatten()
         if not len(idx): continue
